@@ -1,0 +1,324 @@
+"""Line images and their transcriptions: reading and checking the CSV, splitting, batching.
+
+Every row is checked once, before training, so a bad file never surfaces later as a
+crash inside a DataLoader worker.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Line:
+    """One row of the CSV that passed every check."""
+
+    image: Path
+    text: str
+    row: int  # line number in the CSV file, header = 1
+    file_name: str  # as written in the CSV
+    split: str | None = None
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class BadRow:
+    row: int
+    file_name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"  line {self.row}: {self.file_name or '(no file name)'}: {self.reason}"
+
+
+class BadRowsError(ValueError):
+    """The CSV has rows that cannot be trained on; the message lists every one."""
+
+    def __init__(self, csv_path: Path, bad: Sequence[BadRow], limit: int = 50) -> None:
+        self.bad = list(bad)
+        shown = "\n".join(str(b) for b in self.bad[:limit])
+        more = f"\n  ... and {len(self.bad) - limit} more" if len(self.bad) > limit else ""
+        super().__init__(
+            f"{csv_path}: {len(self.bad)} bad row(s):\n{shown}{more}\n"
+            "Fix these rows, or skip them with data.skip_bad_rows=true."
+        )
+
+
+def _check_image(path: Path) -> str | None:
+    """Decode the whole image: a truncated file only fails when its pixels are read."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as e:  # PIL raises many types for broken files
+        return f"unreadable image ({type(e).__name__}: {e})"
+    return None
+
+
+def read_lines(
+    csv_path: str | Path,
+    image_column: str = "file_name",
+    text_column: str = "text",
+    split_column: str = "split",
+    group_by: str | None = None,
+    skip_bad_rows: bool = False,
+) -> list[Line]:
+    """Read and check every row of a line CSV.
+
+    Paths are relative to the CSV's folder (or absolute); a relative path may not leave
+    that folder. Raises BadRowsError naming every bad row unless skip_bad_rows is set.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"Line CSV not found: {csv_path} (set data.csv=path/to/lines.csv)")
+    root = csv_path.parent.resolve()
+    # Decode leniently so that one badly encoded row is reported, not the whole file.
+    text = csv_path.read_bytes().decode("utf-8-sig", errors="replace")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = reader.fieldnames or []
+    for setting, name in (("data.image_column", image_column), ("data.text_column", text_column)):
+        if name not in columns:
+            raise ValueError(
+                f"{csv_path}: no column '{name}' (columns: {', '.join(columns) or 'none'}). "
+                f"Name the right one with {setting}=..."
+            )
+    if group_by and group_by not in columns:
+        raise ValueError(
+            f"{csv_path}: data.group_by={group_by} but there is no such column "
+            f"(columns: {', '.join(columns)})."
+        )
+
+    lines: list[Line] = []
+    bad: list[BadRow] = []
+    seen: dict[Path, int] = {}
+    start = 2  # the header is line 1
+    total = max(text.count("\n") - 1, 0)
+    for record in tqdm(reader, total=total, desc=f"checking {csv_path.name}", unit="line"):
+        row, start = start, reader.line_num + 1
+        file_name = (record.get(image_column) or "").strip()
+        label = (record.get(text_column) or "").strip()
+        split = (record.get(split_column) or "").strip().lower() or None
+        group = (record.get(group_by) or "").strip() if group_by else None
+        reason = None
+        path = Path(file_name)
+        if not path.is_absolute():
+            path = (root / path).resolve()
+        if not file_name:
+            reason = "empty file name"
+        elif "\ufffd" in file_name + label:
+            reason = "text is not valid UTF-8 (save the CSV as UTF-8)"
+        elif not label:
+            reason = "empty text"
+        elif not Path(file_name).is_absolute() and not path.is_relative_to(root):
+            reason = f"path leaves the data folder {root}"
+        elif split is not None and split not in SPLITS:
+            reason = f"split '{split}' is not one of {', '.join(SPLITS)}"
+        elif path in seen:
+            reason = f"same image as line {seen[path]}"
+        elif not path.is_file():
+            reason = f"file not found ({path})"
+        else:
+            reason = _check_image(path)
+        if reason:
+            bad.append(BadRow(row, file_name, reason))
+            continue
+        seen[path] = row
+        lines.append(Line(path, label, row, file_name, split, group))
+
+    if bad and not skip_bad_rows:
+        raise BadRowsError(csv_path, bad)
+    if bad:
+        reasons = Counter(b.reason.split(" (")[0] for b in bad)
+        log.warning(
+            "%s: skipped %d bad row(s): %s",
+            csv_path,
+            len(bad),
+            "; ".join(f"{n} x {r}" for r, n in reasons.most_common()),
+        )
+    if not lines:
+        raise ValueError(f"{csv_path}: no usable rows.")
+    return lines
+
+
+def split_lines(lines: Sequence[Line], val_fraction: float, seed: int) -> dict[str, list[Line]]:
+    """Deterministic train/val split; an explicit split column wins, groups stay whole.
+
+    Lines that share a group (e.g. a page) go to the same side, so the validation score
+    measures pages the model has not seen. Lines without a group are their own group.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+    out: dict[str, list[Line]] = {s: [] for s in SPLITS}
+    free: dict[str, list[Line]] = {}
+    for line in lines:
+        if line.split:
+            out[line.split].append(line)
+        else:
+            free.setdefault(line.group or f"row:{line.row}", []).append(line)
+    keys = sorted(free)
+    random.Random(seed).shuffle(keys)
+    target = round(val_fraction * sum(len(v) for v in free.values()))
+    for key in keys:
+        side = "val" if len(out["val"]) < target else "train"
+        out[side].extend(free[key])
+    if lines and (not out["train"] or not out["val"]):
+        empty = "train" if not out["train"] else "val"
+        raise ValueError(
+            f"The {empty} split is empty ({len(lines)} lines, {len(free)} groups, "
+            f"val_fraction={val_fraction}). Add lines, change data.val_fraction, "
+            "or give a 'split' column."
+        )
+    return out
+
+
+def build_augment(augment: Mapping[str, Callable | None] | None) -> Callable | None:
+    """Compose the named transforms (built by Hydra from the config) in order; null = off."""
+    steps = [t for t in (augment or {}).values() if t is not None]
+    return v2.Compose(steps) if steps else None
+
+
+class LineDataset(Dataset):
+    """Line images as model inputs: (augmented) image -> processor pixels, text -> token ids."""
+
+    def __init__(
+        self,
+        lines: Sequence[Line],
+        processor,
+        transform: Callable | None = None,
+        max_target_length: int = 256,
+    ) -> None:
+        self.lines = list(lines)
+        self.processor = processor
+        self.transform = transform
+        self.max_target_length = max_target_length
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, i: int) -> dict:
+        line = self.lines[i]
+        with Image.open(line.image) as img:
+            image = img.convert("RGB")
+        if self.transform is not None:
+            image = self.transform(image)
+        pixels = self.processor(images=image, return_tensors="pt").pixel_values[0]
+        labels = self.processor.tokenizer(
+            line.text, truncation=True, max_length=self.max_target_length
+        ).input_ids
+        return {
+            "pixel_values": pixels,
+            "labels": torch.tensor(labels),
+            "index": i,
+            "text": line.text,
+        }
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack images; pad labels to the longest in the batch with -100 (ignored by the loss)."""
+    labels = torch.nn.utils.rnn.pad_sequence(
+        [b["labels"] for b in batch], batch_first=True, padding_value=-100
+    )
+    return {
+        "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
+        "labels": labels,
+        "index": torch.tensor([b["index"] for b in batch]),
+        "text": [b["text"] for b in batch],
+    }
+
+
+class LineDataModule(L.LightningDataModule):
+    """The line CSV, checked and split, with augmentations on training images only.
+
+    `eval_split` picks the lines that validation (and evaluate.py) reads: "val" (the
+    held-out side of the split), "test" (rows marked test), "train" or "all".
+    """
+
+    def __init__(
+        self,
+        csv: str,
+        processor=None,
+        image_column: str = "file_name",
+        text_column: str = "text",
+        split_column: str = "split",
+        group_by: str | None = None,
+        val_fraction: float = 0.5,
+        split_seed: int = 0,
+        eval_split: str = "val",
+        skip_bad_rows: bool = False,
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_target_length: int = 256,
+        augment: Mapping | None = None,
+    ) -> None:
+        super().__init__()
+        if eval_split not in (*SPLITS, "all"):
+            raise ValueError(f"data.eval_split must be one of train, val, test, all: {eval_split}")
+        self.save_hyperparameters(ignore=["processor", "augment"])
+        self.processor = processor
+        self.augment = build_augment(augment)
+        self.splits: dict[str, list[Line]] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        hp = self.hparams
+        lines = read_lines(
+            hp.csv,
+            hp.image_column,
+            hp.text_column,
+            hp.split_column,
+            hp.group_by,
+            hp.skip_bad_rows,
+        )
+        self.splits = split_lines(lines, hp.val_fraction, hp.split_seed)
+        self.splits["all"] = lines
+        log.info(
+            "%d lines: %s",
+            len(lines),
+            ", ".join(f"{k} {len(self.splits[k])}" for k in SPLITS),
+        )
+
+    @property
+    def eval_lines(self) -> list[Line]:
+        assert self.splits is not None, "call setup() first"
+        return self.splits[self.hparams.eval_split]
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = LineDataset(
+            self.splits["train"], self.processor, self.augment, self.hparams.max_target_length
+        )
+        return self._loader(dataset, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        dataset = LineDataset(self.eval_lines, self.processor, None, self.hparams.max_target_length)
+        size = self.hparams.eval_batch_size or self.hparams.batch_size
+        return self._loader(dataset, size, shuffle=False)

@@ -1,0 +1,202 @@
+"""The TrOCR VisionEncoderDecoder: loading it, wiring its tokens, training and reading with it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+from transformers import (
+    TrOCRProcessor,
+    VisionEncoderDecoderModel,
+    get_linear_schedule_with_warmup,
+)
+
+from hwr.metrics import TextMetrics
+from hwr.tiny import build_tiny
+
+log = logging.getLogger(__name__)
+
+# Names that work wherever a hub id or folder does; each builds a model folder on demand.
+BUILTIN: dict[str, Callable[[Path], Path]] = {"tiny": build_tiny}
+
+
+class ModelUnavailableError(OSError):
+    """The model is neither a local folder nor reachable on (or cached from) the hub."""
+
+
+def load_pretrained(
+    name_or_path: str, max_new_tokens: int = 128
+) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
+    """Load model + processor from a hub id, a `save_pretrained` folder or a built-in name."""
+    name_or_path = str(name_or_path)
+    if name_or_path in BUILTIN:
+        with tempfile.TemporaryDirectory(prefix=f"hwr-{name_or_path}-") as tmp:
+            return load_pretrained(str(BUILTIN[name_or_path](Path(tmp))), max_new_tokens)
+    local = Path(name_or_path).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise ModelUnavailableError(
+            f"{local} is not a saved model: it has no config.json. Point model.name_or_path "
+            "at a folder written by save_pretrained (e.g. the model/ folder of a train.py run)."
+        )
+    try:
+        processor = TrOCRProcessor.from_pretrained(name_or_path)
+        model = VisionEncoderDecoderModel.from_pretrained(name_or_path)
+    except OSError as e:
+        if local.exists():
+            raise
+        raise ModelUnavailableError(
+            f"Could not load model '{name_or_path}': it is not a local folder, and the "
+            f"Hugging Face hub is out of reach or does not have it ({e}).\n"
+            "Offline options:\n"
+            "  - model=tiny: the built-in tiny model (untrained; for trying the pipeline)\n"
+            "  - model.name_or_path=/path/to/folder: a model saved with save_pretrained, e.g.\n"
+            "    a copy of microsoft/trocr-base-handwritten downloaded on a connected machine\n"
+            "  - HF_HOME=/path/to/cache with HF_HUB_OFFLINE=1, if the hub cache was copied over"
+        ) from e
+    wire_token_ids(model, processor, max_new_tokens)
+    return model, processor
+
+
+def wire_token_ids(
+    model: VisionEncoderDecoderModel, processor: TrOCRProcessor, max_new_tokens: int
+) -> None:
+    """Set the token ids training and generation need, once, from the tokenizer.
+
+    TrOCR was pre-trained to start decoding from `</s>` (id 2), not `<s>`; the labels
+    then begin with `<s>`. Hub configs leave some of these unset, and generation's
+    default of 20 tokens would cut lines short.
+    """
+    tok = processor.tokenizer
+    for config in (model.config, model.generation_config):
+        config.decoder_start_token_id = tok.eos_token_id
+        config.pad_token_id = tok.pad_token_id
+        config.eos_token_id = tok.eos_token_id
+    model.config.vocab_size = model.config.decoder.vocab_size
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.max_length = None
+    model.generation_config.max_new_tokens = max_new_tokens
+
+
+def export(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_dir: Path) -> Path:
+    """Save model + processor so `from_pretrained` loads them; atomic, never half-written."""
+    out_dir = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+class TrOCRModule(L.LightningModule):
+    """Fine-tunes a VisionEncoderDecoder; validation reads every line with `generate`.
+
+    After each validation epoch, `predictions` maps a line's index in the evaluated
+    lines to (predicted text, line CER); `base_result` carries the base model's score
+    through checkpoints so a resumed run still reports it.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        warmup_ratio: float = 0.1,
+        num_beams: int = 1,
+        max_new_tokens: int = 128,
+        log_examples: int = 4,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.model, self.processor = load_pretrained(name_or_path, max_new_tokens)
+        # from_pretrained returns eval mode, which Lightning keeps: dropout would stay off.
+        self.model.train()
+        self.optimizer = optimizer
+        self.metrics = TextMetrics()
+        self.predictions: dict[int, tuple[str, float]] = {}
+        self.base_result: dict | None = None
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values, labels=labels).loss
+
+    @torch.no_grad()
+    def read(self, pixel_values: torch.Tensor) -> list[str]:
+        """Greedy (or beam) decoding of a batch of processed line images."""
+        ids = self.model.generate(
+            pixel_values,
+            num_beams=self.hparams.num_beams,
+            max_new_tokens=self.hparams.max_new_tokens,
+        )
+        return [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(batch["pixel_values"], batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["text"]))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.metrics.reset()
+        self.predictions = {}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        size = len(batch["text"])
+        loss = self(batch["pixel_values"], batch["labels"])
+        self.log("val/loss", loss, batch_size=size, sync_dist=True)
+        preds = self.read(batch["pixel_values"])
+        per_line = self.metrics.update(preds, batch["text"])
+        for i, pred, cer in zip(batch["index"].tolist(), preds, per_line.tolist(), strict=True):
+            self.predictions[i] = (pred, cer)
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.metrics.compute()
+        for name, value in scores.items():
+            self.log(f"val/{name}", float(value), prog_bar=name == "cer")
+        self._log_examples()
+
+    def _log_examples(self) -> None:
+        """Show a few lines with what the model reads now, as text and images."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if (
+            not isinstance(self.logger, TensorBoardLogger)
+            or dm is None
+            or self.trainer.sanity_checking
+        ):
+            return
+        writer, step = self.logger.experiment, self.global_step
+        rows = ["| line | reference | read |", "|---|---|---|"]
+        for i, line in enumerate(dm.eval_lines[: self.hparams.log_examples]):
+            pred = self.predictions.get(i, ("", 0.0))[0]
+            rows.append(f"| {line.file_name} | {line.text} | {pred} |")
+            if step == 0:
+                with Image.open(line.image) as img:
+                    pixels = torch.from_numpy(np.asarray(img.convert("L")))
+                writer.add_image(f"examples/{i}", pixels, step, dataformats="HW")
+        writer.add_text("examples", "\n".join(rows), step)
+
+    def configure_optimizers(self) -> dict:
+        if self.optimizer is None:
+            raise ValueError("TrOCRModule needs an optimizer to train (the optim config group).")
+        optimizer = self.optimizer(params=self.parameters())
+        total = self.trainer.estimated_stepping_batches
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, int(self.hparams.warmup_ratio * total), total
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["hwr_base_result"] = self.base_result
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.base_result = checkpoint.get("hwr_base_result")

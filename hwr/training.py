@@ -1,0 +1,102 @@
+"""One fine-tuning run: score the base model, fine-tune, score the tuned model, export, report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from hwr.model import TrOCRModule, export
+from hwr.report import write_json, write_report
+
+log = logging.getLogger(__name__)
+
+
+def find_checkpoint(ckpt_path: str | None, run_dir: Path, outputs: Path) -> str | None:
+    """Resolve `ckpt_path`: None, a file, or "last".
+
+    "last" is the newest last.ckpt or on_exception.ckpt of this run, else of any run
+    under `outputs`.
+    """
+    if not ckpt_path:
+        return None
+    if ckpt_path != "last":
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file.")
+        return str(ckpt_path)
+    names = ("last.ckpt", "on_exception.ckpt")
+    found = [run_dir / "checkpoints" / n for n in names if (run_dir / "checkpoints" / n).is_file()]
+    found = found or [p for n in names for p in outputs.glob(f"**/checkpoints/{n}")]
+    if not found:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no checkpoints/last.ckpt in {run_dir} or under {outputs}. "
+            "Give the checkpoint's path instead: ckpt_path=outputs/.../checkpoints/last.ckpt"
+        )
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    log.info("Resuming from %s", newest)
+    return str(newest)
+
+
+def train(cfg: DictConfig) -> float:
+    """Run the whole job of train.py; returns the tuned validation CER (what sweeps minimise)."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    module: TrOCRModule = instantiate(cfg.model, optimizer=cfg.optim)
+    datamodule = instantiate(cfg.data, processor=module.processor)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    logger = instantiate(cfg.logger) if cfg.logger else False
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+
+    ckpt = find_checkpoint(cfg.ckpt_path, run_dir, Path(cfg.paths.outputs))
+    if ckpt is None:
+        log.info("Scoring the base model %s", cfg.model.name_or_path)
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        module.base_result = {
+            "metrics": module.metrics.compute(),
+            "predictions": dict(module.predictions),
+        }
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    tuned = {"metrics": module.metrics.compute(), "predictions": dict(module.predictions)}
+    if module.base_result is None:
+        log.warning(
+            "%s holds no base score (saved before one was taken); reporting tuned only", ckpt
+        )
+    results = (
+        {"base": module.base_result, "tuned": tuned} if module.base_result else {"tuned": tuned}
+    )
+    export(module.model, module.processor, run_dir / "model")
+
+    settings = {
+        "model": str(cfg.model.name_or_path),
+        "optim": OmegaConf.to_container(cfg.optim),
+        "data": {
+            k: cfg.data[k]
+            for k in ("csv", "batch_size", "val_fraction", "split_seed", "group_by", "eval_split")
+        },
+        "augment": [k for k, v in (cfg.data.augment or {}).items() if v],
+        "max_epochs": cfg.trainer.max_epochs,
+        "epochs_trained": trainer.current_epoch,
+        "precision": str(cfg.trainer.precision),
+        "seed": cfg.seed,
+        "n_train": len(datamodule.splits["train"]),
+        "n_eval": len(datamodule.eval_lines),
+        "best_checkpoint": best,
+    }
+    metrics = {name: r["metrics"] for name, r in results.items()}
+    write_json(run_dir / "metrics.json", {**metrics, "settings": settings})
+    table = write_report(run_dir, datamodule.eval_lines, results)
+    if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
+        logger.log_hyperparams(
+            {"model": settings["model"], "lr": cfg.optim.lr, "batch_size": cfg.data.batch_size},
+            {f"hp/{name}_{k}": v for name, m in metrics.items() for k, v in m.items()},
+        )
+    log.info("Validation scores (%s)\n%s\nWritten to %s", cfg.data.csv, table, run_dir)
+    return metrics["tuned"]["cer"]

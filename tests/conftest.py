@@ -1,0 +1,116 @@
+"""Shared fixtures: a miniature of the real TrOCR checkpoint, small line sets, the configs."""
+
+from __future__ import annotations
+
+import os
+
+# Never reach for the network, in this process or in the scripts tests start. Set before
+# huggingface_hub is imported: it reads these once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from tokenizers import ByteLevelBPETokenizer
+from transformers import (
+    GenerationConfig,
+    RobertaTokenizer,
+    TrOCRConfig,
+    TrOCRProcessor,
+    VisionEncoderDecoderConfig,
+    VisionEncoderDecoderModel,
+    ViTConfig,
+    ViTImageProcessor,
+)
+
+from hwr.synth import SAMPLE_TEXT, write_sample
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_CSV = REPO / "line_data" / "lines.csv"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def trocr_miniature(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """microsoft/trocr-base-handwritten's layout at tiny sizes, saved like the hub checkpoint.
+
+    Byte-level BPE tokenizer with RoBERTa's ids (<s>=0, <pad>=1, </s>=2), a ViT image
+    processor at 384x384, the same config keys; and the hub's traps left in: a top-level
+    decoder start of <s> and generation's 20-token default.
+    """
+    out = tmp_path_factory.mktemp("trocr-miniature")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        SAMPLE_TEXT.splitlines(),
+        vocab_size=400,
+        min_frequency=1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    )
+    bpe.save_model(str(out))
+    tokenizer = RobertaTokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"))
+    image_processor = ViTImageProcessor(
+        size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    encoder = ViTConfig(
+        image_size=384,
+        patch_size=32,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        qkv_bias=False,
+    )
+    decoder = TrOCRConfig(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
+        activation_function="gelu",
+        max_position_embeddings=512,
+        layernorm_embedding=True,
+        scale_embedding=False,
+        use_learned_position_embeddings=True,
+        cross_attention_hidden_size=32,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = VisionEncoderDecoderModel(
+        config=VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    )
+    model.config.decoder_start_token_id = 0
+    model.generation_config = GenerationConfig(decoder_start_token_id=0, max_length=20)
+    model.save_pretrained(out)
+    TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def lines_dir(tmp_path: Path) -> Path:
+    """Eight rendered lines on two pages, in a fresh folder the test may break."""
+    write_sample(tmp_path / "lines", SAMPLE_TEXT.splitlines()[:8], lines_per_page=4)
+    return tmp_path / "lines"
+
+
+@pytest.fixture
+def sample_copy(tmp_path: Path) -> Path:
+    """The shipped sample, copied so the test may change it."""
+    return Path(shutil.copytree(SAMPLE_CSV.parent, tmp_path / "line_data")) / "lines.csv"
+
+
+@pytest.fixture
+def compose_cfg():
+    """Compose the project's real configs with overrides, as train.py would."""
+
+    def _compose(config_name: str = "train", overrides: list[str] | None = None):
+        with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+            return compose(config_name, overrides=overrides or [], return_hydra_config=True)
+
+    return _compose

@@ -1,0 +1,106 @@
+"""Loading, token wiring, learning, export: the model's path as a real checkpoint takes it."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+from transformers import TrOCRProcessor, VisionEncoderDecoderModel
+
+from hwr.data import LineDataModule
+from hwr.model import ModelUnavailableError, TrOCRModule, export, load_pretrained
+from hwr.synth import SAMPLE_TEXT, write_sample
+
+from .conftest import SAMPLE_CSV
+
+
+def test_token_ids_are_wired_from_the_tokenizer(trocr_miniature: Path):
+    model, processor = load_pretrained(str(trocr_miniature), max_new_tokens=96)
+    tok = processor.tokenizer
+    assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id) == (0, 1, 2)
+    for config in (model.config, model.generation_config):
+        assert config.decoder_start_token_id == 2  # </s>, as TrOCR was pre-trained
+        assert config.pad_token_id == 1
+        assert config.eos_token_id == 2
+    assert model.config.vocab_size == len(tok)
+    gen = model.generation_config
+    assert gen.max_new_tokens == 96 and gen.max_length is None  # no 20-token cut
+
+
+def test_generation_is_not_cut_at_20_tokens(trocr_miniature: Path):
+    model, processor = load_pretrained(str(trocr_miniature), max_new_tokens=40)
+    pixels = processor(images=Image.new("RGB", (300, 40), "white"), return_tensors="pt")
+    ids = model.generate(pixels.pixel_values, min_new_tokens=40)
+    assert ids.shape[1] == 41  # start token + 40
+
+
+def test_unreachable_hub_model_names_the_offline_options():
+    with pytest.raises(ModelUnavailableError) as err:
+        load_pretrained("someone/not-a-cached-model")
+    message = str(err.value)
+    assert "someone/not-a-cached-model" in message
+    assert "model=tiny" in message and "model.name_or_path=" in message
+
+
+def test_folder_that_is_not_a_model_is_named(tmp_path: Path):
+    with pytest.raises(ModelUnavailableError, match=r"no config\.json"):
+        load_pretrained(str(tmp_path))
+
+
+def test_tiny_model_overfits_eight_lines(tmp_path: Path):
+    """Proof that labels, loss, token wiring and decoding fit together."""
+    csv_path = write_sample(tmp_path, SAMPLE_TEXT.splitlines()[:16])
+    L.seed_everything(0)
+    module = TrOCRModule(
+        "tiny", optimizer=partial(torch.optim.AdamW, lr=3e-3), warmup_ratio=0.0, max_new_tokens=64
+    )
+    dm = LineDataModule(str(csv_path), processor=module.processor, eval_split="train", batch_size=8)
+    trainer = L.Trainer(
+        max_steps=600,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=10**6,
+    )
+    trainer.validate(module, datamodule=dm, verbose=False)
+    assert module.metrics.compute()["cer"] > 0.9
+    trainer.fit(module, datamodule=dm)
+    trainer.validate(module, datamodule=dm, verbose=False)
+    scores = module.metrics.compute()
+    assert scores["n_lines"] == 8
+    assert scores["cer"] < 0.05, module.predictions
+
+
+def test_export_round_trip_reads_the_same(trocr_miniature: Path, tmp_path: Path):
+    """What train.py exports loads with plain transformers and reads exactly the same.
+
+    (transformers 5 removed pipeline("image-to-text"); from_pretrained + generate is
+    the way to use a VisionEncoderDecoder there.)
+    """
+    module = TrOCRModule(str(trocr_miniature), max_new_tokens=24)
+    with torch.no_grad():  # make the random model's output depend on the image
+        for p in module.model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    out = export(module.model, module.processor, tmp_path / "model")
+    assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
+
+    images = [
+        Image.open(SAMPLE_CSV.parent / f"images/line_{i:04d}.png").convert("RGB") for i in (0, 1)
+    ]
+    pixels = module.processor(images=images, return_tensors="pt").pixel_values
+    module.model.eval()
+    expected = module.read(pixels)
+
+    model = VisionEncoderDecoderModel.from_pretrained(out).eval()
+    processor = TrOCRProcessor.from_pretrained(out)
+    ids = model.generate(processor(images=images, return_tensors="pt").pixel_values)
+    got = [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+    assert got == expected
+    assert model.generation_config.max_new_tokens == 24
+    assert model.generation_config.decoder_start_token_id == 2

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from tokenizers import ByteLevelBPETokenizer
 from transformers import (
     GenerationConfig,
@@ -111,6 +112,8 @@ def compose_cfg():
 
     def _compose(config_name: str = "train", overrides: list[str] | None = None):
         with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-            return compose(config_name, overrides=overrides or [], return_hydra_config=True)
+            cfg = compose(config_name, overrides=overrides or [], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # so ${hydra:...} paths resolve, as in a run
+        return cfg
 
     return _compose

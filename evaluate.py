@@ -4,6 +4,7 @@
         models.base=microsoft/trocr-base-handwritten models.tuned=outputs/train/.../model
 """
 
+import logging
 import re
 import sys
 
@@ -14,6 +15,9 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     from hwr.evaluation import evaluate  # after Hydra, so --help and config errors come fast
+
+    # Lightning prints through a handler of its own; Hydra's root handlers already do.
+    logging.getLogger("lightning").handlers.clear()
 
     evaluate(cfg)
 

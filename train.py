@@ -6,6 +6,8 @@ python train.py -m optim.lr=1e-5,3e-5 data.batch_size=2,4   # a sweep
 python train.py experiment=quickstart            # offline, on the shipped sample
 """
 
+import logging
+
 import hydra
 from omegaconf import DictConfig
 
@@ -13,6 +15,9 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     from hwr.training import train  # after Hydra, so --help and config errors come fast
+
+    # Lightning prints through a handler of its own; Hydra's root handlers already do.
+    logging.getLogger("lightning").handlers.clear()
 
     return train(cfg)
 

@@ -13,12 +13,15 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
 from PIL import Image
 
-from hwr.data import Line
 from hwr.metrics import METRICS
+
+if TYPE_CHECKING:
+    from hwr.data import Line
 
 # name -> {"metrics": {...}, "predictions": {line index: (text, cer)}}
 Results = Mapping[str, Mapping]

@@ -15,7 +15,7 @@ from transformers import TrOCRProcessor
 
 from hwr.data import BadRowsError, LineDataModule, collate, read_lines, split_lines
 
-from .conftest import SAMPLE_CSV
+from .conftest import SAMPLE_CSV, SHARED_DATA
 
 
 def rewrite(csv_path: Path, edit) -> None:
@@ -202,3 +202,12 @@ def test_labels_are_padded_with_minus_100(trocr_miniature: Path):
     assert labels[short, 0] == processor.tokenizer.bos_token_id
     assert labels[short, min(lengths) - 1] == processor.tokenizer.eos_token_id
     assert batch["pixel_values"].shape == (2, 3, 384, 384)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside the project")
+@pytest.mark.parametrize(("name", "group"), [("copiste", "writer"), ("peraire", "page")])
+def test_real_line_sets_load_as_they_are(name: str, group: str):
+    lines = read_lines(SHARED_DATA / name / "lines.csv", group_by=group)
+    parts = split_lines(lines, 0.2, seed=0)
+    assert {x.group for x in parts["train"]}.isdisjoint({x.group for x in parts["val"]})
+    assert 0.15 < len(parts["val"]) / len(lines) < 0.25

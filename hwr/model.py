@@ -86,6 +86,36 @@ def wire_token_ids(
     model.generation_config.max_new_tokens = max_new_tokens
 
 
+@torch.no_grad()
+def read_batch(
+    model: VisionEncoderDecoderModel,
+    processor: TrOCRProcessor,
+    pixel_values: torch.Tensor,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+) -> tuple[list[str], list[float]]:
+    """Decode a batch of processed line images; also each line's confidence.
+
+    Confidence is the geometric mean of the chosen tokens' probabilities, end token
+    included: 1.0 when the model is sure of every character, lower where it hesitated.
+    """
+    out = model.generate(
+        pixel_values,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    logp = model.compute_transition_scores(
+        out.sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=True
+    )
+    generated = out.sequences[:, -logp.shape[1] :]
+    valid = (generated != model.generation_config.pad_token_id) & torch.isfinite(logp)
+    mean = torch.where(valid, logp, 0.0).sum(1) / valid.sum(1).clamp(min=1)
+    texts = processor.batch_decode(out.sequences, skip_special_tokens=True)
+    return [t.strip() for t in texts], mean.exp().tolist()
+
+
 def export(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_dir: Path) -> Path:
     """Save model + processor so `from_pretrained` loads them; atomic, never half-written."""
     out_dir = Path(out_dir)
@@ -128,15 +158,16 @@ class TrOCRModule(L.LightningModule):
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values, labels=labels).loss
 
-    @torch.no_grad()
     def read(self, pixel_values: torch.Tensor) -> list[str]:
         """Greedy (or beam) decoding of a batch of processed line images."""
-        ids = self.model.generate(
+        texts, _ = read_batch(
+            self.model,
+            self.processor,
             pixel_values,
-            num_beams=self.hparams.num_beams,
-            max_new_tokens=self.hparams.max_new_tokens,
+            self.hparams.num_beams,
+            self.hparams.max_new_tokens,
         )
-        return [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+        return texts
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch["pixel_values"], batch["labels"])

@@ -101,6 +101,8 @@ class ProjectionSegmenter:
         dark = np.clip(dark, 0, None)
         threshold = max(8.0, float(np.percentile(dark, 99)) * 0.35)
         ink = (dark > threshold).astype(np.float32)
+        edge = self.work_width // 60  # scanner edges and page borders are not text
+        ink[:edge], ink[-edge:], ink[:, :edge], ink[:, -edge:] = 0, 0, 0, 0
         return _remove_rules(ink, self.work_width // 12), scale
 
     def deskew(self, ink: np.ndarray) -> float:

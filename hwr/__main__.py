@@ -1,0 +1,3 @@
+from hwr.cli import main
+
+main()

@@ -1,0 +1,72 @@
+"""One command line for the tools: `python -m hwr <verb>` (or `hwr <verb>`).
+
+hwr import-xml PAGES_DIR --out OUT_DIR      ALTO / PAGE XML + page images -> line CSV
+hwr segment PAGE_IMAGE... --out OUT_DIR     pages -> line images + CSV to fill in
+hwr label LINES_CSV [--model M] [--port N]  a local page to type or correct lines
+hwr predict model.name_or_path=M inputs=P   read images (Hydra overrides, as predict.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hwr", description="Read your own handwriting: tools from page to model."
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("import-xml", help="ALTO / PAGE XML with page images -> line CSV")
+    p.add_argument("pages", type=Path, help="a folder of XML files (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="folder for lines.csv and images/")
+
+    p = verbs.add_parser("segment", help="page images -> line images + CSV with empty text")
+    p.add_argument("images", type=Path, nargs="+", help="page images")
+    p.add_argument("--out", type=Path, required=True, help="folder for lines.csv and images/")
+
+    p = verbs.add_parser("label", help="serve a local page to type or correct the lines")
+    p.add_argument("csv", type=Path, help="the line CSV; accepted lines are saved into it")
+    p.add_argument("--model", help="pre-fill with this model's reading (hub id, folder, tiny)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser")
+
+    verbs.add_parser(
+        "predict",
+        help="read images with a model (Hydra overrides; see predict.py)",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["predict"]:
+        from hwr.prediction import main as predict_main
+
+        sys.argv = ["hwr predict", *argv[1:]]
+        predict_main()
+        return
+    args = _parser().parse_args(argv)
+    if args.verb == "import-xml":
+        from hwr.xml_import import import_pages
+
+        xmls = sorted(args.pages.rglob("*.xml"))
+        if not xmls:
+            raise SystemExit(f"hwr import-xml: no .xml files under {args.pages}")
+        import_pages(xmls, args.out)
+    elif args.verb == "segment":
+        from hwr.segment import segment_pages
+
+        segment_pages(args.images, args.out)
+    elif args.verb == "label":
+        from hwr.label import serve
+
+        serve(args.csv, model=args.model, port=args.port, open_browser=not args.no_browser)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""A local labelling page: each line image with the model's reading pre-filled; type or
+correct it, press Enter, and it is saved into the CSV at once.
+
+    python -m hwr label line_data/lines.csv [--model outputs/train/<run>/model] [--port N]
+
+Lines the model is least sure of come first: they teach it most. The server listens on
+127.0.0.1 only and serves only the images the CSV names inside its folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import webbrowser
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from hwr.report import write_text
+
+PAGE = Path(__file__).with_name("label.html")
+MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+
+
+class LabelStore:
+    """The CSV in memory; each change is written back atomically before it is acknowledged."""
+
+    def __init__(self, csv_path: Path, image_column: str = "file_name", text_column: str = "text"):
+        self.path = Path(csv_path)
+        self.root = self.path.parent.resolve()
+        self.image_column, self.text_column = image_column, text_column
+        with self.path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            self.columns = list(reader.fieldnames or [])
+            self.rows = list(reader)
+        if image_column not in self.columns:
+            raise ValueError(f"{self.path}: no column '{image_column}'")
+        if text_column not in self.columns:
+            self.columns.append(text_column)
+        self.done = {i for i, r in enumerate(self.rows) if (r.get(text_column) or "").strip()}
+        self.predictions: dict[int, tuple[str, float]] = {}
+        self.lock = threading.Lock()
+
+    def image_path(self, i: int) -> Path | None:
+        """The row's image, if it lies inside the data folder; None otherwise."""
+        if not 0 <= i < len(self.rows):
+            return None
+        path = (self.root / self.rows[i][self.image_column]).resolve()
+        return path if path.is_relative_to(self.root) and path.is_file() else None
+
+    def prefill(self, model_name: str, batch_size: int = 16) -> None:
+        """Read every unlabelled line with the model, for the text box and the order."""
+        from hwr.model import load_pretrained, read_batch
+
+        model, processor = load_pretrained(model_name)
+        model.eval()
+        todo = [i for i in range(len(self.rows)) if i not in self.done and self.image_path(i)]
+        for start in tqdm(range(0, len(todo), batch_size), desc="pre-filling", unit="batch"):
+            idx = todo[start : start + batch_size]
+            images = []
+            for i in idx:
+                with Image.open(self.image_path(i)) as img:
+                    images.append(img.convert("RGB"))
+            pixels = processor(images=images, return_tensors="pt").pixel_values
+            texts, confidences = read_batch(model, processor, pixels)
+            self.predictions.update(zip(idx, zip(texts, confidences, strict=True), strict=True))
+
+    def order(self) -> list[int]:
+        """Unlabelled lines first, least confident first; then the labelled ones."""
+        todo = [i for i in range(len(self.rows)) if i not in self.done]
+        todo.sort(key=lambda i: self.predictions.get(i, ("", 1.0))[1])
+        return todo + sorted(self.done)
+
+    def state(self) -> dict:
+        lines = []
+        for i in self.order():
+            prediction, confidence = self.predictions.get(i, ("", None))
+            text = (self.rows[i].get(self.text_column) or "").strip()
+            lines.append(
+                {
+                    "id": i,
+                    "file": self.rows[i][self.image_column],
+                    "text": text if i in self.done else prediction,
+                    "prediction": prediction,
+                    "confidence": confidence,
+                    "labelled": i in self.done,
+                }
+            )
+        return {
+            "csv": str(self.path),
+            "labelled": len(self.done),
+            "total": len(self.rows),
+            "lines": lines,
+        }
+
+    def accept(self, i: int, text: str) -> None:
+        if not 0 <= i < len(self.rows):
+            raise KeyError(i)
+        with self.lock:
+            self.rows[i][self.text_column] = text.strip()
+            if text.strip():
+                self.done.add(i)
+            else:
+                self.done.discard(i)
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+            write_text(self.path, buf.getvalue())
+
+
+def make_handler(store: LabelStore) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args) -> None:  # keep the terminal quiet
+            pass
+
+        def _send(self, status: int, body: bytes, mime: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", mime)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, data: object, status: int = HTTPStatus.OK) -> None:
+            self._send(status, json.dumps(data).encode(), "application/json")
+
+        def do_GET(self) -> None:
+            if self.path in ("/", "/index.html"):
+                self._send(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
+            elif self.path == "/api/lines":
+                self._json(store.state())
+            elif self.path.startswith("/image/") and self.path[7:].isdigit():
+                path = store.image_path(int(self.path[7:]))
+                if path is None:
+                    self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
+                else:
+                    mime = MIME.get(path.suffix.lower(), "application/octet-stream")
+                    self._send(HTTPStatus.OK, path.read_bytes(), mime)
+            else:
+                self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
+
+        def do_POST(self) -> None:
+            prefix = "/api/lines/"
+            if not (self.path.startswith(prefix) and self.path[len(prefix) :].isdigit()):
+                self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
+                return
+            try:
+                length = int(self.headers.get("Content-Length", 0))
+                text = str(json.loads(self.rfile.read(length))["text"])
+                store.accept(int(self.path[len(prefix) :]), text)
+            except (KeyError, ValueError, json.JSONDecodeError) as e:
+                self._json({"error": f"bad request: {e}"}, HTTPStatus.BAD_REQUEST)
+                return
+            self._json({"labelled": len(store.done), "total": len(store.rows)})
+
+    return Handler
+
+
+def make_server(store: LabelStore, port: int = 8765) -> ThreadingHTTPServer:
+    return ThreadingHTTPServer(("127.0.0.1", port), make_handler(store))
+
+
+def serve(csv_path: Path, model: str | None = None, port: int = 8765, open_browser: bool = True):
+    """Serve the labelling page until Ctrl-C."""
+    store = LabelStore(csv_path)
+    if model:
+        store.prefill(model)
+    server = make_server(store, port)
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    print(f"Labelling {csv_path}: {len(store.done)} of {len(store.rows)} lines labelled.")
+    print(f"Open {url} (Ctrl-C to stop; every accepted line is already saved).")
+    if open_browser:
+        webbrowser.open(url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,18 +1,30 @@
-"""A tiny, untrained TrOCR-style model with a character tokenizer, for offline runs and tests.
+"""TrOCR-layout models built from configs, untrained: the tiny offline model (character
+tokenizer), and TrOCR's own layout at any size for tests and benchmarks (BPE tokenizer).
 
-It is saved with `save_pretrained` and loaded back like any hub checkpoint, so everything
-downstream (training, export, evaluation) runs the same code as for the real TrOCR.
+They are saved with `save_pretrained` and loaded back like any hub checkpoint, so
+everything downstream (training, export, evaluation) runs the same code as for TrOCR.
 """
 
 from __future__ import annotations
 
 import string
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    ByteLevelBPETokenizer,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+)
 from transformers import (
     PreTrainedTokenizerFast,
+    RobertaTokenizer,
     TrOCRConfig,
     TrOCRProcessor,
     VisionEncoderDecoderConfig,
@@ -51,6 +63,72 @@ def char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
     )
 
 
+# microsoft/trocr-base-handwritten's sizes (334M parameters).
+TROCR_BASE = {
+    "encoder": {
+        "image_size": 384,
+        "patch_size": 16,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "qkv_bias": False,
+    },
+    "decoder": {
+        "vocab_size": 50265,
+        "d_model": 1024,
+        "decoder_layers": 12,
+        "decoder_attention_heads": 16,
+        "decoder_ffn_dim": 4096,
+        "max_position_embeddings": 512,
+        "cross_attention_hidden_size": 768,
+    },
+}
+
+
+def bpe_tokenizer(texts: Iterable[str], vocab_size: int = 400) -> RobertaTokenizer:
+    """A RoBERTa-style byte-level BPE tokenizer (<s>=0, <pad>=1, </s>=2) trained on texts."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        texts,
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        bpe.save_model(tmp)
+        return RobertaTokenizer(vocab=f"{tmp}/vocab.json", merges=f"{tmp}/merges.txt")
+
+
+def trocr_layout(
+    tokenizer, encoder: dict, decoder: dict, image_size: tuple[int, int], seed: int = 0
+) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
+    """A fresh VisionEncoderDecoder (ViT encoder, TrOCR decoder) and its processor."""
+    image_processor = ViTImageProcessor(
+        size={"height": image_size[0], "width": image_size[1]},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    decoder = {
+        "vocab_size": len(tokenizer),
+        "activation_function": "gelu",
+        "layernorm_embedding": True,
+        "scale_embedding": False,
+        "use_learned_position_embeddings": True,
+        **decoder,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "decoder_start_token_id": tokenizer.eos_token_id,
+    }
+    torch.manual_seed(seed)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        ViTConfig(**encoder), TrOCRConfig(**decoder)
+    )
+    model = VisionEncoderDecoderModel(config=config)
+    return model, TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
 def build_tiny(
     out_dir: str | Path,
     image_size: tuple[int, int] = (32, 256),
@@ -61,38 +139,27 @@ def build_tiny(
     seed: int = 0,
 ) -> Path:
     """Build the tiny model (same seed, same weights) and save model + processor to out_dir."""
-    tokenizer = char_tokenizer()
-    image_processor = ViTImageProcessor(
-        size={"height": image_size[0], "width": image_size[1]},
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
+    model, processor = trocr_layout(
+        char_tokenizer(),
+        encoder={
+            "image_size": list(image_size),
+            "patch_size": patch_size,
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "intermediate_size": 4 * hidden,
+        },
+        decoder={
+            "d_model": hidden,
+            "decoder_layers": layers,
+            "decoder_attention_heads": heads,
+            "decoder_ffn_dim": 4 * hidden,
+            "max_position_embeddings": 256,
+        },
+        image_size=image_size,
+        seed=seed,
     )
-    encoder = ViTConfig(
-        image_size=list(image_size),
-        patch_size=patch_size,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=4 * hidden,
-    )
-    decoder = TrOCRConfig(
-        vocab_size=len(tokenizer),
-        d_model=hidden,
-        decoder_layers=layers,
-        decoder_attention_heads=heads,
-        decoder_ffn_dim=4 * hidden,
-        max_position_embeddings=256,
-        layernorm_embedding=True,
-        use_learned_position_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
-    model = VisionEncoderDecoderModel(config=config)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
-    TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
     return out_dir

@@ -13,22 +13,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from tokenizers import ByteLevelBPETokenizer
-from transformers import (
-    GenerationConfig,
-    RobertaTokenizer,
-    TrOCRConfig,
-    TrOCRProcessor,
-    VisionEncoderDecoderConfig,
-    VisionEncoderDecoderModel,
-    ViTConfig,
-    ViTImageProcessor,
-)
+from transformers import GenerationConfig
 
 from hwr.synth import SAMPLE_TEXT, write_sample
+from hwr.tiny import TROCR_BASE, bpe_tokenizer, trocr_layout
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CSV = REPO / "line_data" / "lines.csv"
@@ -44,52 +34,30 @@ def trocr_miniature(tmp_path_factory: pytest.TempPathFactory) -> Path:
     decoder start of <s> and generation's 20-token default.
     """
     out = tmp_path_factory.mktemp("trocr-miniature")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        SAMPLE_TEXT.splitlines(),
-        vocab_size=400,
-        min_frequency=1,
-        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-    )
-    bpe.save_model(str(out))
-    tokenizer = RobertaTokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"))
-    image_processor = ViTImageProcessor(
-        size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    )
-    encoder = ViTConfig(
-        image_size=384,
-        patch_size=32,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        qkv_bias=False,
-    )
-    decoder = TrOCRConfig(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        decoder_layers=1,
-        decoder_attention_heads=2,
-        decoder_ffn_dim=64,
-        activation_function="gelu",
-        max_position_embeddings=512,
-        layernorm_embedding=True,
-        scale_embedding=False,
-        use_learned_position_embeddings=True,
-        cross_attention_hidden_size=32,
-        bos_token_id=0,
-        pad_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = VisionEncoderDecoderModel(
-        config=VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    encoder = {
+        **TROCR_BASE["encoder"],
+        "patch_size": 32,
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    }
+    decoder = {
+        **TROCR_BASE["decoder"],
+        "d_model": 32,
+        "decoder_layers": 1,
+        "decoder_attention_heads": 2,
+        "decoder_ffn_dim": 64,
+        "cross_attention_hidden_size": 32,
+    }
+    del decoder["vocab_size"]  # the tokenizer's
+    model, processor = trocr_layout(
+        bpe_tokenizer(SAMPLE_TEXT.splitlines()), encoder, decoder, image_size=(384, 384)
     )
     model.config.decoder_start_token_id = 0
     model.generation_config = GenerationConfig(decoder_start_token_id=0, max_length=20)
     model.save_pretrained(out)
-    TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    processor.save_pretrained(out)
     return out
 
 

@@ -150,6 +150,10 @@ class TrOCRModule(L.LightningModule):
         self.model, self.processor = load_pretrained(name_or_path, max_new_tokens)
         # from_pretrained returns eval mode, which Lightning keeps: dropout would stay off.
         self.model.train()
+        # The encoder's pooler never feeds the decoder; left trainable, DDP would stop on
+        # parameters without gradients.
+        if getattr(self.model.encoder, "pooler", None) is not None:
+            self.model.encoder.pooler.requires_grad_(False)
         self.optimizer = optimizer
         self.metrics = TextMetrics()
         self.predictions: dict[int, tuple[str, float]] = {}
@@ -188,7 +192,11 @@ class TrOCRModule(L.LightningModule):
             self.predictions[i] = (pred, cer)
 
     def on_validation_epoch_end(self) -> None:
-        scores = self.metrics.compute()
+        if self.trainer.world_size > 1:  # each process read a shard; every one gets them all
+            shards = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(shards, self.predictions)
+            self.predictions = {i: p for shard in shards for i, p in shard.items()}
+        scores = self.metrics.compute()  # torchmetrics sum over processes
         for name, value in scores.items():
             self.log(f"val/{name}", float(value), prog_bar=name == "cer")
         self._log_examples()

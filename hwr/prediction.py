@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -81,7 +82,16 @@ def cut_lines(
 def predict(cfg: DictConfig) -> list[Reading]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     model, processor = load_pretrained(cfg.model.name_or_path, cfg.model.max_new_tokens)
-    model.eval()
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if cfg.device == "auto"
+        else cfg.device
+    )
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision={cfg.precision}: use fp32 or bf16")
+    model.eval().to(device)
     readings, images = cut_lines(find_images(cfg.inputs), instantiate(cfg.segmenter), cfg.segment)
     # Similar widths together: less padding work for the encoder-decoder's batches.
     order = sorted(range(len(images)), key=lambda i: images[i].width / images[i].height)
@@ -89,9 +99,10 @@ def predict(cfg: DictConfig) -> list[Reading]:
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start : start + cfg.batch_size]
         pixels = processor(images=[images[i] for i in idx], return_tensors="pt").pixel_values
-        texts, confidences = read_batch(
-            model, processor, pixels, cfg.model.num_beams, cfg.model.max_new_tokens
-        )
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            texts, confidences = read_batch(
+                model, processor, pixels.to(device), cfg.model.num_beams, cfg.model.max_new_tokens
+            )
         for i, text, conf in zip(idx, texts, confidences, strict=True):
             readings[i].text, readings[i].confidence = text, round(conf, 4)
         bar.update(len(idx))

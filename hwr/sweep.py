@@ -60,7 +60,14 @@ def write_summary(sweep_dir: Path) -> None:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: after each multirun job, record its error (if any) and the summary."""
+    """Hydra callback: after each multirun job, record its error (if any) and the summary.
+
+    Jobs of a parallel launcher may rewrite it at the same moment; the end of the sweep
+    (when no job failed) writes it once more from every job's folder.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        write_summary(Path(config.hydra.sweep.dir))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode is None or config.hydra.mode.name != "MULTIRUN":

@@ -72,6 +72,8 @@ def train(cfg: DictConfig) -> float:
     results = (
         {"base": module.base_result, "tuned": tuned} if module.base_result else {"tuned": tuned}
     )
+    if not trainer.is_global_zero:  # under DDP, one process writes the run's files
+        return tuned["metrics"]["cer"]
     export(module.model, module.processor, run_dir / "model")
 
     settings = {

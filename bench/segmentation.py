@@ -14,22 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from hwr.segment import Box, ProjectionSegmenter, page_boxes
+from hwr.segment import Box, ProjectionSegmenter, count_matches, page_boxes
 from hwr.xml_import import read_page
-
-
-def match(found: list[Box], truth: list[Box], threshold: float = 0.5) -> int:
-    pairs = sorted(
-        ((f.iou(t), i, j) for i, f in enumerate(found) for j, t in enumerate(truth)), reverse=True
-    )
-    used_f, used_t, n = set(), set(), 0
-    for iou, i, j in pairs:
-        if iou < threshold:
-            break
-        if i not in used_f and j not in used_t:
-            used_f.add(i), used_t.add(j)
-            n += 1
-    return n
 
 
 def main() -> None:
@@ -52,7 +38,7 @@ def main() -> None:
         with Image.open(page.image) as img:
             image = img.convert("RGB")
         found = [page_boxes(b, image.size) for b in segmenter.segment(image)]
-        n = match(found, truth)
+        n = count_matches(found, truth)
         rows.append((xml.parent.name + "/" + xml.stem, len(truth), len(found), n))
         for k, v in enumerate((len(truth), len(found), n)):
             totals[k] += v

@@ -35,6 +35,12 @@ class Box:
     bottom: int
     angle: float = 0.0
 
+    @classmethod
+    def around(cls, polygon: Sequence[tuple[float, float]]) -> Box:
+        """The upright box around a polygon."""
+        xs, ys = [p[0] for p in polygon], [p[1] for p in polygon]
+        return cls(int(min(xs)), int(min(ys)), int(max(xs)), int(max(ys)))
+
     @property
     def area(self) -> int:
         return max(0, self.right - self.left) * max(0, self.bottom - self.top)
@@ -48,6 +54,21 @@ class Box:
         ).area
         union = self.area + other.area - inter
         return inter / union if union else 0.0
+
+
+def count_matches(found: Sequence[Box], truth: Sequence[Box], threshold: float = 0.5) -> int:
+    """How many found boxes match a true line (IoU >= threshold), each used at most once."""
+    pairs = sorted(
+        ((f.iou(t), i, j) for i, f in enumerate(found) for j, t in enumerate(truth)), reverse=True
+    )
+    used_found, used_truth = set(), set()
+    for iou, i, j in pairs:
+        if iou < threshold:
+            break
+        if i not in used_found and j not in used_truth:
+            used_found.add(i)
+            used_truth.add(j)
+    return len(used_found)
 
 
 class Segmenter(Protocol):

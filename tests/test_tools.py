@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from hwr.label import LabelStore, make_server
-from hwr.segment import ProjectionSegmenter
+from hwr.segment import Box, ProjectionSegmenter, count_matches, page_boxes
 from hwr.synth import SAMPLE_TEXT, render_line
 from hwr.xml_import import import_pages, read_page
 
@@ -106,11 +106,6 @@ def test_segmenter_finds_each_line_in_reading_order(tmp_path: Path, angle: float
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside the project")
 def test_segmenter_on_real_pages_matches_most_xml_lines():
-    sys.path.insert(0, str(REPO / "bench"))
-    from segmentation import match
-
-    from hwr.segment import Box, page_boxes
-
     truth_n = found_n = matched = 0
     for xml in sorted((SHARED_DATA / "pages").glob("*/*.xml")):
         page = read_page(xml)
@@ -128,7 +123,7 @@ def test_segmenter_on_real_pages_matches_most_xml_lines():
         truth_n, found_n, matched = (
             truth_n + len(truth),
             found_n + len(found),
-            matched + match(found, truth),
+            matched + count_matches(found, truth),
         )
     assert matched / truth_n >= 0.75 and matched / found_n >= 0.75  # measured: 0.81 / 0.86
 

@@ -12,7 +12,8 @@ speed does not depend on them) and for the tiny model:
             path (bf16 autocast, batched).
   data   decode + augment + process alone, as the training DataLoader does it.
 With random weights the decoded length is fixed (min = max new tokens) so every row
-decodes as many tokens. Each row runs in its own process, so its peak memory is its own.
+decodes as many tokens. Each row runs in its own (forked) process, so its peak memory is
+its own.
 The last line is `ratios: train X.XX infer Y.YY`: (c)/(a) for TrOCR-base at batch 2.
 --quick measures the first batch size only, fewer steps and lines (under 5 minutes).
 """
@@ -252,8 +253,12 @@ def _child(fn, args, queue) -> None:
 
 
 def run_row(fn, *args) -> tuple[float, float]:
-    """Run one measurement in a fresh process; returns (lines/s, peak MB)."""
-    ctx = mp.get_context("spawn")
+    """Run one measurement in a forked process; returns (lines/s, peak MB).
+
+    The parent has imported the libraries but run nothing, so a fork starts fast and
+    small, and the peak memory a row reports is that row's.
+    """
+    ctx = mp.get_context("fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, args, queue))
     proc.start()
@@ -277,9 +282,15 @@ def main() -> None:
     # and loading 1.3 GB; under 5 minutes on 2 cores).
     steps, n_infer, batches = (1, 8, (2,)) if args.quick else (4, 16, (2, 8))
 
+    import hydra  # noqa: F401  (imported once here; every row's fork inherits them)
+    import lightning  # noqa: F401
     import torch
+    import transformers  # noqa: F401
+
+    import hwr.model  # noqa: F401
 
     rows = []
+    began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = run_row(build_models, root)  # in a child: this process stays small
@@ -319,7 +330,7 @@ def main() -> None:
 
     table = [
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{'quick' if args.quick else 'full'} run",
+        f"{'quick' if args.quick else 'full'} run of {time.perf_counter() - began:.0f} s",
         "",
         "| model | task | way | lines/s | peak MB |",
         "|---|---|---|---|---|",

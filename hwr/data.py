@@ -117,7 +117,6 @@ def read_lines(
         label = (record.get(text_column) or "").strip()
         split = (record.get(split_column) or "").strip().lower() or None
         group = (record.get(group_by) or "").strip() if group_by else None
-        reason = None
         path = Path(file_name)
         if not path.is_absolute():
             path = (root / path).resolve()

@@ -143,7 +143,7 @@ def train_seq2seq(model_dir: Path, csv_path: Path, batch: int, steps: int) -> tu
 
 
 def train_hwr(
-    model_dir: Path, csv_path: Path, batch: int, steps: int, fast: bool, optim: str = "adamw"
+    model_dir: Path, csv_path: Path, batch: int, steps: int, fast: bool, extra: tuple = ()
 ) -> tuple[float, float]:
     """train.py's path: the real configs, composed and instantiated as train.py does."""
     import lightning as L
@@ -156,7 +156,7 @@ def train_hwr(
         f"data.csv={csv_path}",
         f"data.batch_size={batch}",
         "trainer.max_epochs=-1",
-        f"optim={optim}",
+        *extra,
     ] + (["trainer.precision=bf16-mixed"] if fast else [])
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
@@ -308,7 +308,7 @@ def main() -> None:
                     rows.append((arch, f"train b={b}", name, speed, mem))
                     print(rows[-1], file=sys.stderr, flush=True)
             if arch == "trocr-base":
-                fn = partial(train_hwr, fast=True, optim="adafactor")
+                fn = partial(train_hwr, fast=True, extra=("optim=adafactor",))
                 speed, mem = run_row(fn, model_dir, csv_path, batches[0], steps)
                 rows.append(
                     (arch, f"train b={batches[0]}", "(c) hwr bf16, optim=adafactor", speed, mem)

@@ -144,6 +144,7 @@ class TrOCRModule(L.LightningModule):
         num_beams: int = 1,
         max_new_tokens: int = 128,
         log_examples: int = 4,
+        compile_encoder: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -154,6 +155,10 @@ class TrOCRModule(L.LightningModule):
         # parameters without gradients.
         if getattr(self.model.encoder, "pooler", None) is not None:
             self.model.encoder.pooler.requires_grad_(False)
+        if compile_encoder:
+            # In place, so state_dict keys (checkpoints, export) stay as they are. The
+            # encoder sees one image size; the decoder's growing cache would recompile.
+            self.model.encoder.compile()
         self.optimizer = optimizer
         self.metrics = TextMetrics()
         self.predictions: dict[int, tuple[str, float]] = {}

@@ -104,3 +104,21 @@ def test_export_round_trip_reads_the_same(trocr_miniature: Path, tmp_path: Path)
     assert got == expected
     assert model.generation_config.max_new_tokens == 24
     assert model.generation_config.decoder_start_token_id == 2
+
+
+def test_compiled_encoder_computes_the_same_and_exports_the_same_keys(
+    trocr_miniature: Path, tmp_path: Path
+):
+    plain = TrOCRModule(str(trocr_miniature))
+    compiled = TrOCRModule(str(trocr_miniature), compile_encoder=True)
+    plain.model.eval()
+    compiled.model.eval()
+    pixels = torch.randn(2, 3, 384, 384)
+    labels = torch.tensor([[0, 5, 6, 2], [0, 7, 2, -100]])
+    with torch.no_grad():
+        assert compiled(pixels, labels).item() == pytest.approx(
+            plain(pixels, labels).item(), rel=1e-4
+        )
+    out = export(compiled.model, compiled.processor, tmp_path / "model")
+    reloaded = VisionEncoderDecoderModel.from_pretrained(out)
+    assert set(reloaded.state_dict()) == set(plain.model.state_dict())

@@ -25,16 +25,7 @@ def main() -> None:
     start = time.perf_counter()
     for xml in sorted(root.glob("**/*.xml")):
         page = read_page(xml)
-        truth = [
-            Box(
-                int(min(x for x, _ in ln.polygon)),
-                int(min(y for _, y in ln.polygon)),
-                int(max(x for x, _ in ln.polygon)),
-                int(max(y for _, y in ln.polygon)),
-            )
-            for ln in page.lines
-            if len(ln.polygon) >= 3
-        ]
+        truth = [Box.around(ln.polygon) for ln in page.lines if len(ln.polygon) >= 3]
         with Image.open(page.image) as img:
             image = img.convert("RGB")
         found = [page_boxes(b, image.size) for b in segmenter.segment(image)]

@@ -109,15 +109,7 @@ def test_segmenter_on_real_pages_matches_most_xml_lines():
     truth_n = found_n = matched = 0
     for xml in sorted((SHARED_DATA / "pages").glob("*/*.xml")):
         page = read_page(xml)
-        truth = [
-            Box(
-                int(min(x for x, _ in ln.polygon)),
-                int(min(y for _, y in ln.polygon)),
-                int(max(x for x, _ in ln.polygon)),
-                int(max(y for _, y in ln.polygon)),
-            )
-            for ln in page.lines
-        ]
+        truth = [Box.around(ln.polygon) for ln in page.lines]
         image = Image.open(page.image).convert("RGB")
         found = [page_boxes(b, image.size) for b in ProjectionSegmenter().segment(image)]
         truth_n, found_n, matched = (

@@ -212,20 +212,16 @@ def infer_line_by_line(model_dir: Path, csv_path: Path, n: int) -> tuple[float, 
 
 
 def infer_hwr(model_dir: Path, csv_path: Path, n: int, fast: bool) -> tuple[float, float]:
-    import torch
-
-    from hwr.model import load_pretrained, read_batch
+    """predict.py's reading: hwr.model.read_images, batches of 16."""
+    from hwr.model import load_pretrained, read_images
 
     model, processor = load_pretrained(str(model_dir), NEW_TOKENS)
     model.eval()
     model.generation_config.min_new_tokens = NEW_TOKENS
     images = _images(csv_path, n)
-    read_batch(model, processor, processor(images=images[:2], return_tensors="pt").pixel_values)
+    read_images(model, processor, images[:2], bf16=fast)  # warm-up
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
-        for i in range(0, n, 16):
-            pixels = processor(images=images[i : i + 16], return_tensors="pt").pixel_values
-            read_batch(model, processor, pixels)
+    read_images(model, processor, images, 16, bf16=fast)
     return n / (time.perf_counter() - start), peak_mb()
 
 

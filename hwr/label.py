@@ -19,7 +19,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from PIL import Image
-from tqdm.auto import tqdm
 
 from hwr.report import write_text
 
@@ -55,20 +54,17 @@ class LabelStore:
 
     def prefill(self, model_name: str, batch_size: int = 16) -> None:
         """Read every unlabelled line with the model, for the text box and the order."""
-        from hwr.model import load_pretrained, read_batch
+        from hwr.model import load_pretrained, read_images
 
         model, processor = load_pretrained(model_name)
         model.eval()
         todo = [i for i in range(len(self.rows)) if i not in self.done and self.image_path(i)]
-        for start in tqdm(range(0, len(todo), batch_size), desc="pre-filling", unit="batch"):
-            idx = todo[start : start + batch_size]
-            images = []
-            for i in idx:
-                with Image.open(self.image_path(i)) as img:
-                    images.append(img.convert("RGB"))
-            pixels = processor(images=images, return_tensors="pt").pixel_values
-            texts, confidences = read_batch(model, processor, pixels)
-            self.predictions.update(zip(idx, zip(texts, confidences, strict=True), strict=True))
+        images = []
+        for i in todo:
+            with Image.open(self.image_path(i)) as img:
+                images.append(img.convert("RGB"))
+        texts, confidences = read_images(model, processor, images, batch_size)
+        self.predictions = dict(zip(todo, zip(texts, confidences, strict=True), strict=True))
 
     def order(self) -> list[int]:
         """Unlabelled lines first, least confident first; then the labelled ones."""

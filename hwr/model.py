@@ -6,7 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
+from tqdm.auto import tqdm
 from transformers import (
     TrOCRProcessor,
     VisionEncoderDecoderModel,
@@ -93,27 +94,57 @@ def read_batch(
     pixel_values: torch.Tensor,
     num_beams: int = 1,
     max_new_tokens: int | None = None,
-) -> tuple[list[str], list[float]]:
-    """Decode a batch of processed line images; also each line's confidence.
+    confidence: bool = True,
+) -> tuple[list[str], list[float] | None]:
+    """Decode a batch of processed line images; also each line's confidence, if asked.
 
     Confidence is the geometric mean of the chosen tokens' probabilities, end token
     included: 1.0 when the model is sure of every character, lower where it hesitated.
+    It needs every step's scores, so scoring (validation) leaves it out.
     """
     out = model.generate(
         pixel_values,
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
-        output_scores=True,
+        output_scores=confidence,
         return_dict_in_generate=True,
     )
+    texts = [t.strip() for t in processor.batch_decode(out.sequences, skip_special_tokens=True)]
+    if not confidence:
+        return texts, None
     logp = model.compute_transition_scores(
         out.sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=True
     )
     generated = out.sequences[:, -logp.shape[1] :]
     valid = (generated != model.generation_config.pad_token_id) & torch.isfinite(logp)
     mean = torch.where(valid, logp, 0.0).sum(1) / valid.sum(1).clamp(min=1)
-    texts = processor.batch_decode(out.sequences, skip_special_tokens=True)
-    return [t.strip() for t in texts], mean.exp().tolist()
+    return texts, mean.exp().tolist()
+
+
+def read_images(
+    model: VisionEncoderDecoderModel,
+    processor: TrOCRProcessor,
+    images: Sequence[Image.Image],
+    batch_size: int = 16,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+    bf16: bool = False,
+) -> tuple[list[str], list[float]]:
+    """Read line images in batches, on the model's device; texts and confidences in order.
+
+    Lines of similar shape go together, so a batch wastes little on padding.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(images)), key=lambda i: images[i].width / images[i].height)
+    texts, confidences = [""] * len(images), [0.0] * len(images)
+    for start in tqdm(range(0, len(order), batch_size), desc="reading", unit="batch"):
+        idx = order[start : start + batch_size]
+        pixels = processor(images=[images[i] for i in idx], return_tensors="pt").pixel_values
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            got, conf = read_batch(model, processor, pixels.to(device), num_beams, max_new_tokens)
+        for i, text, c in zip(idx, got, conf, strict=True):
+            texts[i], confidences[i] = text, c
+    return texts, confidences
 
 
 def export(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_dir: Path) -> Path:
@@ -175,6 +206,7 @@ class TrOCRModule(L.LightningModule):
             pixel_values,
             self.hparams.num_beams,
             self.hparams.max_new_tokens,
+            confidence=False,
         )
         return texts
 

@@ -23,9 +23,9 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hwr.model import load_pretrained, read_batch
+from hwr.model import load_pretrained, read_images
 from hwr.report import write_json, write_text
-from hwr.segment import Segmenter, crop, page_boxes
+from hwr.segment import Segmenter, crop_lines, page_boxes
 from hwr.xml_import import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,11 @@ def cut_lines(
         with Image.open(path) as img:
             image = img.convert("RGB")
         if mode == "pages" or (mode == "auto" and is_page(image)):
-            for i, box in enumerate(segmenter.segment(image)):
+            boxes = segmenter.segment(image)
+            for i, box in enumerate(boxes):
                 b = page_boxes(box, image.size)
                 readings.append(Reading(str(path), i, (b.left, b.top, b.right, b.bottom)))
-                images.append(crop(image, box))
+            images.extend(crop_lines(image, boxes))
         else:
             readings.append(Reading(str(path), 0, None))
             images.append(image)
@@ -82,31 +83,22 @@ def cut_lines(
 def predict(cfg: DictConfig) -> list[Reading]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     model, processor = load_pretrained(cfg.model.name_or_path, cfg.model.max_new_tokens)
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if cfg.device == "auto"
-        else cfg.device
-    )
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={cfg.precision}: use fp32 or bf16")
-    model.eval().to(device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    model.eval().to(torch.device(auto if cfg.device == "auto" else cfg.device))
     readings, images = cut_lines(find_images(cfg.inputs), instantiate(cfg.segmenter), cfg.segment)
-    # Similar widths together: less padding work for the encoder-decoder's batches.
-    order = sorted(range(len(images)), key=lambda i: images[i].width / images[i].height)
-    bar = tqdm(total=len(order), desc="reading", unit="line")
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start : start + cfg.batch_size]
-        pixels = processor(images=[images[i] for i in idx], return_tensors="pt").pixel_values
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            texts, confidences = read_batch(
-                model, processor, pixels.to(device), cfg.model.num_beams, cfg.model.max_new_tokens
-            )
-        for i, text, conf in zip(idx, texts, confidences, strict=True):
-            readings[i].text, readings[i].confidence = text, round(conf, 4)
-        bar.update(len(idx))
-    bar.close()
+    texts, confidences = read_images(
+        model,
+        processor,
+        images,
+        cfg.batch_size,
+        cfg.model.num_beams,
+        cfg.model.max_new_tokens,
+        bf16=cfg.precision == "bf16",
+    )
+    for reading, text, conf in zip(readings, texts, confidences, strict=True):
+        reading.text, reading.confidence = text, round(conf, 4)
     write_outputs(run_dir, readings)
     return readings
 
@@ -127,7 +119,6 @@ def write_outputs(run_dir: Path, readings: list[Reading]) -> None:
         text = "\n".join(r.text for r in sorted(lines, key=lambda r: r.line)) + "\n"
         write_text(run_dir / f"{Path(source).stem}.txt", text)
     log.info("%d lines (%d pages) read -> %s", len(readings), len(pages), run_dir)
-    print(f"{len(readings)} lines read -> {run_dir / 'predictions.csv'}")
 
 
 # The project's conf/ beside the package (this is also the entry of `python -m hwr predict`).

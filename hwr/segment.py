@@ -232,11 +232,16 @@ class ProjectionSegmenter:
         ]
 
 
-def crop(image: Image.Image, box: Box) -> Image.Image:
-    """The line, cut from the page turned by the box's skew (about the page centre)."""
-    if box.angle:
-        image = image.rotate(box.angle, Image.BICUBIC, fillcolor=(255,) * len(image.getbands()))
-    return image.crop((box.left, box.top, box.right, box.bottom))
+def crop_lines(image: Image.Image, boxes: Sequence[Box]) -> list[Image.Image]:
+    """The lines, cut from the page turned by their skew (about the page centre).
+
+    A segmenter finds one skew per page, so the page is turned once for all its lines.
+    """
+    turned: dict[float, Image.Image] = {0.0: image}
+    fill = (255,) * len(image.getbands())
+    for angle in {b.angle for b in boxes} - {0.0}:
+        turned[angle] = image.rotate(angle, Image.BICUBIC, fillcolor=fill)
+    return [turned[b.angle].crop((b.left, b.top, b.right, b.bottom)) for b in boxes]
 
 
 def page_boxes(box: Box, size: tuple[int, int]) -> Box:
@@ -271,9 +276,9 @@ def segment_pages(pages: Sequence[Path], out_dir: Path, segmenter: Segmenter | N
     for page in tqdm(pages, desc="segmenting", unit="page"):
         with Image.open(page) as img:
             image = img.convert("RGB")
-        for i, box in enumerate(segmenter.segment(image)):
+        for i, line in enumerate(crop_lines(image, segmenter.segment(image))):
             name = f"images/{Path(page).stem}_{i:03d}.png"
-            crop(image, box).save(out_dir / name)
+            line.save(out_dir / name)
             writer.writerow([name, "", Path(page).stem])
             total += 1
     csv_path = write_text(out_dir / "lines.csv", buf.getvalue())

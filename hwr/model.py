@@ -21,13 +21,15 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from hwr.embedded import embedded_path
 from hwr.metrics import TextMetrics
 from hwr.tiny import build_tiny
 
 log = logging.getLogger(__name__)
 
-# Names that work wherever a hub id or folder does; each builds a model folder on demand.
-BUILTIN: dict[str, Callable[[Path], Path]] = {"tiny": build_tiny}
+# Names that work wherever a hub id or folder does; each gives a `save_pretrained` folder:
+# the shipped embedded model's, or the tiny model's, built on demand in a temp folder.
+BUILTIN: dict[str, Callable[[Path], Path]] = {"embedded": embedded_path, "tiny": build_tiny}
 
 
 class ModelUnavailableError(OSError):
@@ -58,6 +60,7 @@ def load_pretrained(
             f"Could not load model '{name_or_path}': it is not a local folder, and the "
             f"Hugging Face hub is out of reach or does not have it ({e}).\n"
             "Offline options:\n"
+            "  - model=embedded: the small pre-trained model shipped with hwr (offline)\n"
             "  - model=tiny: the built-in tiny model (untrained; for trying the pipeline)\n"
             "  - model.name_or_path=/path/to/folder: a model saved with save_pretrained, e.g.\n"
             "    a copy of microsoft/trocr-base-handwritten downloaded on a connected machine\n"
@@ -102,10 +105,13 @@ def read_batch(
     included: 1.0 when the model is sure of every character, lower where it hesitated.
     It needs every step's scores, so scoring (validation) leaves it out.
     """
+    # An explicit max_new_tokens=None would mean transformers' default of 20 tokens, not the
+    # model's generation config: pass it only when set.
+    limit = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     out = model.generate(
         pixel_values,
         num_beams=num_beams,
-        max_new_tokens=max_new_tokens,
+        **limit,
         output_scores=confidence,
         return_dict_in_generate=True,
     )
@@ -151,6 +157,7 @@ def export(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_dir:
     """Save model + processor so `from_pretrained` loads them; atomic, never half-written."""
     out_dir = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp's private mode would follow the model wherever it is copied
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     if out_dir.exists():

@@ -1,8 +1,11 @@
 """Handwriting-style line images rendered from text, in the project's CSV format.
 
-Makes the shipped `line_data/` sample, so a first run works on a fresh machine:
+Two jobs: the shipped `line_data/` sample (one held-out font, so fine-tuning has a new
+"writer" to learn), and an endless stream of varied lines for pre-training the embedded
+model. Fonts are handwriting OFL fonts installed from PyPI (`fontpkg-*`).
 
-    python -m hwr.synth --out line_data
+    python -m hwr.synth --out line_data                      # the shipped sample
+    python -m hwr.synth --out synth --lines 5000 --sheet sheet.png
 """
 
 from __future__ import annotations
@@ -11,14 +14,33 @@ import argparse
 import csv
 import io
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from functools import cache
 from pathlib import Path
 
 import fontpkg
+import numpy as np
+from faker import Faker
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm.auto import tqdm
 
 from hwr.report import write_text
+
+# Fonts the embedded model learns from, and fonts kept out to stand in for new writers
+# (Caveat writes the shipped sample, so fine-tuning on it shows a real gain).
+TRAIN_FONTS = (
+    "kalam",
+    "dancing-script",
+    "shadows-into-light",
+    "permanent-marker",
+    "satisfy",
+    "zeyada",
+    "yellowtail",
+    "great-vibes",
+    "pacifico",
+    "delius",
+)
+HELD_OUT_FONTS = ("caveat", "indie-flower")
 
 # Notes in the style of a person's notebook, written for this sample (no licence strings).
 SAMPLE_TEXT = """\
@@ -65,21 +87,177 @@ Finish the notes before the end of term.
 """
 
 
-def render_line(text: str, font_path: Path, rng: random.Random, height: int = 64) -> Image.Image:
-    """One line of text in a handwriting font, with a little of a real page's variation."""
-    font = ImageFont.truetype(str(font_path), size=rng.randint(36, 44))
-    if font.get_variation_axes():
-        font.set_variation_by_axes([rng.uniform(400, 650)])
-    left, top, right, bottom = font.getbbox(text)
-    pad = 12
-    paper, ink = rng.randint(225, 250), rng.randint(15, 80)
-    img = Image.new("L", (right - left + 2 * pad, max(bottom - top, 1) + 2 * pad), paper)
-    ImageDraw.Draw(img).text((pad - left, pad - top), text, font=font, fill=ink)
-    img = img.rotate(rng.uniform(-1.5, 1.5), resample=Image.BICUBIC, expand=True, fillcolor=paper)
-    if rng.random() < 0.5:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 0.7)))
-    scale = height / img.height
-    return img.resize((max(1, round(img.width * scale)), height), Image.BICUBIC)
+@cache
+def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(fontpkg.path(name)), size=size)
+
+
+def _draw_glyphs(text: str, font_name: str, rng: random.Random) -> Image.Image:
+    """Ink mask (255 = ink) of the text, glyph by glyph: size, place and spacing jitter."""
+    size = rng.randint(38, 46)
+    spacing = rng.uniform(-0.06, 0.12)
+    width = int(sum(_font(font_name, size + 4).getlength(c) for c in text) * 1.3) + 4 * size
+    mask = Image.new("L", (width, 3 * size), 0)
+    draw = ImageDraw.Draw(mask)
+    x, drift = size / 2, 0.0
+    for ch in text:
+        font = _font(font_name, size + round(rng.gauss(0, 1.2)))
+        drift = 0.9 * drift + rng.gauss(0, 0.6)
+        draw.text((x + rng.gauss(0, 0.6), size + drift), ch, font=font, fill=255, anchor="ls")
+        x += font.getlength(ch) * (1 + spacing + rng.gauss(0, 0.04))
+    return mask
+
+
+def _wave(mask: np.ndarray, rng: random.Random) -> np.ndarray:
+    """Baseline drift: shift each column up or down along a slow wave."""
+    h, w = mask.shape
+    amp, period, phase = rng.uniform(0, 4), rng.uniform(300, 1500), rng.uniform(0, 6.3)
+    shift = (amp * np.sin(np.arange(w) * 2 * np.pi / period + phase)).round().astype(int)
+    rows = np.clip(np.arange(h)[:, None] - shift[None, :], 0, h - 1)
+    return mask[rows, np.arange(w)[None, :]]
+
+
+def _paper(h: int, w: int, rng: random.Random, nrng: np.random.Generator) -> np.ndarray:
+    """Paper: a tone, a gentle gradient, grain, and sometimes ruled lines or a grid."""
+    tone = rng.uniform(150, 250)
+    grad = np.linspace(0, rng.uniform(-20, 20), w)[None, :]
+    grain = nrng.normal(0, rng.uniform(0, 6), (h, w))
+    paper = tone + grad + grain
+    rule = rng.random()
+    if rule < 0.45:
+        darkness = rng.uniform(20, 60)
+        y0 = int(h * rng.uniform(0.62, 0.9))
+        paper[max(0, y0 - 1) : y0 + rng.randint(0, 1), :] -= darkness
+        if rule < 0.15:
+            step = rng.randint(14, 30)
+            paper[:, rng.randint(0, step) :: step] -= darkness * 0.7
+            paper[y0 % step :: step, :] -= darkness * 0.7
+    return paper
+
+
+def render_line(text: str, font_name: str, rng: random.Random, height: int = 64) -> Image.Image:
+    """One text line as a grayscale scan of handwriting: glyph jitter, slant, drift, stroke
+    width, ink pressure, paper, rules, blur, noise, JPEG and contrast, all drawn from rng."""
+    nrng = np.random.default_rng(rng.getrandbits(32))
+    mask = _draw_glyphs(text, font_name, rng)
+    bbox = mask.getbbox() or (0, 0, 1, 1)
+    mask = mask.crop(bbox)
+    slant = rng.uniform(-0.35, 0.25)
+    pad = int(abs(slant) * mask.height) + 2
+    mask = mask.crop((-pad, 0, mask.width + pad, mask.height)).transform(
+        (mask.width + 2 * pad, mask.height),
+        Image.AFFINE,
+        (1, slant, -slant * mask.height if slant > 0 else 0, 0, 1, 0),
+        resample=Image.BILINEAR,
+    )
+    if rng.random() < 0.3:  # a broader pen
+        mask = mask.filter(ImageFilter.MaxFilter(3))
+    mask = mask.rotate(rng.gauss(0, 0.8), resample=Image.BILINEAR, expand=True)
+    margin = [rng.randint(2, 16) for _ in range(4)]
+    mask = mask.crop((-margin[0], -margin[1], mask.width + margin[2], mask.height + margin[3]))
+    ink = _wave(np.asarray(mask, dtype=np.float32) / 255, rng)
+    h, w = ink.shape
+    paper = _paper(h, w, rng, nrng)
+    # Pressure: ink darkness varies slowly along the line.
+    level = rng.uniform(0.5, 1.0)
+    pressure = np.clip(
+        level + np.cumsum(nrng.normal(0, 0.01, w))[None, :] + nrng.normal(0, 0.05, (h, w)),
+        0.6,
+        1,
+    )
+    ink_tone = rng.uniform(0, 70)
+    img = paper - (paper - ink_tone) * ink * pressure
+    if rng.random() < 0.3:
+        lo, hi = rng.uniform(0, 60), rng.uniform(200, 255)
+        img = lo + (hi - lo) * img / 255
+    img = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    if rng.random() < 0.4:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    img = img.resize((max(1, round(w * height / h)), height), Image.BILINEAR)
+    if rng.random() < 0.4:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=rng.randint(30, 90))
+        img = Image.open(buf).convert("L")
+    return img
+
+
+class TextSource:
+    """Lines of real-looking notes: given sentences (e.g. transcriptions) plus Faker's
+    French and English sentences, names, addresses, dates, numbers, cut to 1-80 chars."""
+
+    def __init__(self, sentences: Sequence[str] = (), seed: int = 0) -> None:
+        self.sentences = [s for s in sentences if s.strip()]
+        self.rng = random.Random(seed)
+        self.fakers = [Faker(loc) for loc in ("fr_FR", "en_US")]
+        for i, f in enumerate(self.fakers):
+            f.seed_instance(seed * 10 + i)
+
+    def _fake(self) -> str:
+        f, r = self.rng.choice(self.fakers), self.rng.random()
+        if r < 0.45:
+            return f.sentence(nb_words=self.rng.randint(3, 14))
+        if r < 0.55:
+            return f.address().replace("\n", ", ")
+        if r < 0.65:
+            return f"{f.name()}, {f.date(pattern=self.rng.choice(['%d/%m/%Y', '%Y-%m-%d']))}"
+        if r < 0.72:
+            price = f"{self.rng.randint(1, 9999)},{self.rng.randint(0, 99):02d}"
+            return f"{f.catch_phrase()} : {price} €"
+        if r < 0.8:
+            return f"{f.phone_number()} ({f.first_name()})"
+        if r < 0.9:
+            return f"{f.date_time().strftime('%H:%M')} {f.sentence(nb_words=5)}"
+        return f"{f.word().capitalize()} ! {f.sentence(nb_words=4)} ? « {f.word()} »"
+
+    def line(self, max_chars: int = 80) -> str:
+        """One line, at most max_chars long, cut at a word boundary like a wrapped note."""
+        use_real = self.sentences and self.rng.random() < 0.5
+        text = self.rng.choice(self.sentences) if use_real else self._fake()
+        while len(text) < max_chars and self.rng.random() < 0.5:
+            text += " " + (self.rng.choice(self.sentences) if use_real else self._fake())
+        words = text.split()
+        start = self.rng.randrange(len(words)) if self.rng.random() < 0.3 else 0
+        length = min(max_chars, self.rng.choice([self.rng.randint(1, 20), 80, 80]))
+        out = ""
+        for word in words[start:]:
+            if out and len(out) + 1 + len(word) > length:
+                break
+            out = f"{out} {word}" if out else word
+        return (out or words[start])[:max_chars]
+
+
+def synthetic_lines(
+    n: int,
+    fonts: Sequence[str] = TRAIN_FONTS,
+    sentences: Sequence[str] = (),
+    seed: int = 0,
+) -> Iterator[tuple[Image.Image, str, str]]:
+    """n (image, text, font) triples; the same seed gives the same lines."""
+    texts = TextSource(sentences, seed)
+    rng = random.Random(seed)
+    for _ in range(n):
+        text = texts.line()
+        font = rng.choice(fonts)
+        yield render_line(text, font, rng), text, font
+
+
+def write_lines(
+    out_dir: Path,
+    lines: Iterable[tuple[Image.Image, str, str]],
+    total: int | None = None,
+    lines_per_page: int = 8,
+) -> Path:
+    """Save (image, text, group) triples as out_dir/images/*.png and out_dir/lines.csv."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["file_name", "text", "page", "font"])
+    for i, (img, text, font) in enumerate(tqdm(lines, total=total, desc="rendering", unit="line")):
+        name = f"images/line_{i:05d}.png"
+        img.save(out_dir / name)
+        writer.writerow([name, text, f"page_{i // lines_per_page + 1:02d}", font])
+    return write_text(out_dir / "lines.csv", buf.getvalue())
 
 
 def write_sample(
@@ -89,28 +267,49 @@ def write_sample(
     seed: int = 0,
     lines_per_page: int = 8,
 ) -> Path:
-    """Render each text as a PNG under out_dir/images and write out_dir/lines.csv."""
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    """Render texts in one font (one "writer"), as out_dir/images/*.png + lines.csv."""
     rng = random.Random(seed)
-    font_path = fontpkg.path(font)
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["file_name", "text", "page"])
-    for i, text in enumerate(tqdm(texts, desc="rendering", unit="line")):
-        name = f"images/line_{i:04d}.png"
-        render_line(text, font_path, rng).save(out_dir / name)
-        writer.writerow([name, text, f"page_{i // lines_per_page + 1:02d}"])
-    return write_text(out_dir / "lines.csv", buf.getvalue())
+    lines = ((render_line(text, font, rng), text, font) for text in texts)
+    return write_lines(out_dir, lines, len(texts), lines_per_page)
+
+
+def contact_sheet(images: Sequence[Image.Image], path: Path, width: int = 1200) -> Path:
+    """Stack line images into one PNG, to look at them next to real scans."""
+    rows = [im.resize((min(width, im.width), im.height)) for im in images]
+    sheet = Image.new("L", (width, sum(r.height for r in rows)), 255)
+    y = 0
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height
+    sheet.save(path)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("line_data"), help="output folder")
-    parser.add_argument("--font", default="caveat", help="a fontpkg font family installed")
+    parser.add_argument(
+        "--lines",
+        type=int,
+        default=0,
+        help="render this many generated lines (default: the shipped sample's 40 notes)",
+    )
+    parser.add_argument("--fonts", nargs="+", default=None, help="fontpkg font families")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sheet", type=Path, help="also save the first 24 lines as one PNG")
     args = parser.parse_args(argv)
-    csv_path = write_sample(args.out, SAMPLE_TEXT.splitlines(), args.font, args.seed)
+    if args.lines:
+        lines = synthetic_lines(args.lines, args.fonts or TRAIN_FONTS, seed=args.seed)
+        csv_path = write_lines(args.out, lines, args.lines)
+    else:
+        font = (args.fonts or ["caveat"])[0]
+        csv_path = write_sample(args.out, SAMPLE_TEXT.splitlines(), font, args.seed)
+    if args.sheet:
+        images = []
+        for name in [row.split(",")[0] for row in csv_path.read_text().splitlines()[1:25]]:
+            with Image.open(args.out / name) as im:
+                images.append(im.copy())
+        contact_sheet(images, args.sheet)
     print(f"wrote {csv_path}")
 
 

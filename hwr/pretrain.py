@@ -1,0 +1,310 @@
+"""Pre-train the embedded model: synthetic handwriting first, real lines mixed in.
+
+    python -m hwr.pretrain --real ../shared/data/copiste --out outputs/pretrain --minutes 120
+
+Learning to read from scratch on a few thousand real lines fails: the decoder learns
+French before the picture. So the model reads an endless stream of rendered lines in
+many fonts, short lines first, with real lines mixed in more and more as it goes; and a
+CTC loss on the encoder's strips (joint CTC/attention, as speech recognisers train)
+makes the encoder see characters from the start. The CTC head is dropped at the end:
+the saved model is a plain VisionEncoderDecoder, loaded like any TrOCR checkpoint.
+
+Real lines are split by writer (hash of the name): ~80% train, ~10% val (CER printed
+while training), ~10% test (`--measure` only). Every --eval-every steps it writes
+out/last.pt; rerunning the same command resumes from there. `--init` starts a new run
+from a saved model (e.g. `--init embedded` refines the shipped one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+import zlib
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import v2
+
+from hwr.data import LineDataset, collate, read_lines
+from hwr.embedded import build_embedded
+from hwr.metrics import TextMetrics
+from hwr.model import export, load_pretrained, read_batch, wire_token_ids
+from hwr.report import atomic_write
+from hwr.synth import HELD_OUT_FONTS, TRAIN_FONTS, TextSource, render_line
+
+REAL_AUGMENT = v2.Compose(
+    [
+        v2.RandomRotation(2, fill=255, interpolation=v2.InterpolationMode.BILINEAR),
+        v2.ColorJitter(brightness=(0.7, 1.2), contrast=(0.6, 1.3)),
+        v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 0.8))], p=0.3),
+    ]
+)
+
+
+def writer_split(writer: str) -> str:
+    """Same writer, same side, on every machine: train, val or test by a hash of the name."""
+    bucket = zlib.crc32(writer.encode()) % 10
+    return "test" if bucket == 0 else "val" if bucket == 1 else "train"
+
+
+class LineStream(IterableDataset):
+    """Endless training lines: rendered in TRAIN_FONTS (lengths growing with progress)
+    or, with a share that grows from 10% to real_share, real augmented lines."""
+
+    def __init__(
+        self,
+        processor,
+        real: LineDataset | None,
+        sentences: Sequence[str],
+        seed: int,
+        short_first: float,
+        real_share: float,
+        progress,
+    ) -> None:
+        self.processor, self.real, self.sentences = processor, real, sentences
+        self.seed, self.short_first, self.real_share = seed, short_first, real_share
+        self.progress = progress
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid = info.id if info else 0
+        rng = random.Random(self.seed * 1000 + wid)
+        texts = TextSource(self.sentences, seed=self.seed * 1000 + wid)
+        while True:
+            p = self.progress()
+            if self.real and rng.random() < 0.1 + (self.real_share - 0.1) * p:
+                yield self.real[rng.randrange(len(self.real))]
+                continue
+            ramp = min(1.0, p / self.short_first) if self.short_first else 1.0
+            text = texts.line(max_chars=round(8 + 72 * ramp))
+            image = render_line(text, rng.choice(TRAIN_FONTS), rng).convert("RGB")
+            yield {
+                "pixel_values": self.processor(images=image, return_tensors="pt").pixel_values[0],
+                "labels": torch.tensor(self.processor.tokenizer(text).input_ids),
+                "index": 0,
+                "text": text,
+            }
+
+
+class Progress:
+    """Share of the run done: steps or minutes, whichever is further along (picklable, so
+    dataloader workers follow the same curriculum by the clock)."""
+
+    def __init__(self, steps: int, minutes: float, start_step: int) -> None:
+        self.steps, self.seconds, self.start_step = steps, minutes * 60, start_step
+        self.t0, self.step = time.time(), start_step
+
+    def __call__(self) -> float:
+        by_time = (time.time() - self.t0) / self.seconds + self.start_step / self.steps
+        return min(1.0, max(self.step / self.steps, by_time))
+
+
+def ctc_loss(
+    head: nn.Linear, encoder_states: torch.Tensor, labels: torch.Tensor, tok
+) -> torch.Tensor:
+    """CTC over the encoder's strips (CLS dropped) against the characters of each line."""
+    logp = head(encoder_states[:, 1:]).float().log_softmax(-1).transpose(0, 1)
+    keep = (labels >= 0) & (labels != tok.bos_token_id) & (labels != tok.eos_token_id)
+    return F.ctc_loss(
+        logp,
+        labels[keep],
+        input_lengths=torch.full((labels.shape[0],), logp.shape[0], dtype=torch.long),
+        target_lengths=keep.sum(1),
+        blank=tok.pad_token_id,
+        zero_infinity=True,
+    )
+
+
+@torch.no_grad()
+def score(model, processor, dataset: LineDataset, batch_size: int = 64) -> dict[str, float]:
+    """Greedy-read a dataset; CER, WER, accuracy over its lines."""
+    model.eval()
+    device = next(model.parameters()).device
+    metrics = TextMetrics()
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=2):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            texts, _ = read_batch(
+                model, processor, batch["pixel_values"].to(device), confidence=False
+            )
+        metrics.update(texts, batch["text"])
+    model.train()
+    return metrics.compute()
+
+
+class RenderedLines(LineDataset):
+    """A fixed set of rendered lines (e.g. in held-out fonts), as a LineDataset."""
+
+    def __init__(self, processor, fonts: Sequence[str], n: int, seed: int) -> None:
+        rng, texts = random.Random(seed), TextSource(seed=seed)
+        self.items = []
+        for _ in range(n):
+            text = texts.line()
+            self.items.append((render_line(text, rng.choice(fonts), rng).convert("RGB"), text))
+        super().__init__([], processor)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        image, text = self.items[i]
+        return {
+            "pixel_values": self.processor(images=image, return_tensors="pt").pixel_values[0],
+            "labels": torch.tensor(self.processor.tokenizer(text).input_ids),
+            "index": i,
+            "text": text,
+        }
+
+
+def real_datasets(real: Path | None, processor) -> tuple[dict[str, list], list[str]]:
+    if real is None:
+        return {"train": [], "val": [], "test": []}, []
+    lines = read_lines(Path(real) / "lines.csv", group_by="writer")
+    by = {"train": [], "val": [], "test": []}
+    for line in lines:
+        by[writer_split(line.group or "")].append(line)
+    return by, [line.text for line in by["train"]]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("outputs/pretrain"))
+    ap.add_argument("--real", type=Path, help="folder with lines.csv (column writer)")
+    ap.add_argument("--init", type=Path, help="start from this saved model (folder or name)")
+    ap.add_argument("--steps", type=int, default=100_000, help="schedule length in steps")
+    ap.add_argument("--minutes", type=float, default=120, help="stop (and save) after this")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--ctc-weight", type=float, default=0.5)
+    ap.add_argument("--short-first", type=float, default=0.3, help="share of the run to grow lines")
+    ap.add_argument("--real-share", type=float, default=0.5, help="real lines' share at the end")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-lines", type=int, default=200, help="rendered held-out-font lines")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunks", type=Path, help="also save the final model here in <15 MB files")
+    ap.add_argument("--measure", action="store_true", help="only score --init on held-out sets")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.init:
+        model, processor = load_pretrained(str(args.init), max_new_tokens=100)
+    else:
+        model, processor = build_embedded(args.seed)
+        wire_token_ids(model, processor, max_new_tokens=100)
+    tok = processor.tokenizer
+    head = nn.Linear(model.config.encoder.hidden_size, len(tok))
+    model.to(device).train()
+    head.to(device)
+    real, sentences = real_datasets(args.real, processor)
+    evals = {"fonts": RenderedLines(processor, HELD_OUT_FONTS, args.eval_lines, seed=12345)}
+    if real["val"]:
+        evals["val_writers"] = LineDataset(real["val"], processor)
+    if args.measure:
+        if real["test"]:
+            evals["test_writers"] = LineDataset(real["test"], processor)
+        print(json.dumps({k: score(model, processor, d) for k, d in evals.items()}, indent=1))
+        return
+
+    params = [p for n, p in model.named_parameters() if "pooler" not in n] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.05)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt, step = args.out / "last.pt", 0
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        print(f"resumed from {ckpt} at step {step}")
+    progress = Progress(args.steps, args.minutes, step)
+
+    def lr_at(p: float) -> float:
+        warm = min(1.0, (step + 1) / args.warmup)
+        return args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    stream = LineStream(
+        processor,
+        LineDataset(real["train"], processor, REAL_AUGMENT) if real["train"] else None,
+        sentences,
+        args.seed + step,
+        args.short_first,
+        args.real_share,
+        progress,
+    )
+    loader = DataLoader(
+        stream,
+        batch_size=args.batch_size,
+        collate_fn=collate,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if args.workers else None,
+    )
+    log = open(args.out / "log.jsonl", "a")  # noqa: SIM115 (open for the whole run)
+    seen, t_log = 0, time.time()
+    for batch in loader:
+        p = progress()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(p)
+        pixels = batch["pixel_values"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model(pixel_values=pixels, labels=labels)
+            ce = F.cross_entropy(
+                out.logits.flatten(0, 1).float(),
+                labels.flatten(),
+                ignore_index=-100,
+                label_smoothing=0.1,
+            )
+            ctc = ctc_loss(head, out.encoder_last_hidden_state, labels, tok)
+            loss = ce + args.ctc_weight * ctc
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        progress.step = step
+        seen += len(labels)
+        done = p >= 1.0
+        if step % 50 == 0:
+            rate = seen / (time.time() - t_log)
+            seen, t_log = 0, time.time()
+            print(
+                f"step {step} p {p:.3f} lr {lr_at(p):.2e} ce {ce.item():.3f} "
+                f"ctc {ctc.item():.3f} {rate:.0f} lines/s",
+                flush=True,
+            )
+        if step % args.eval_every == 0 or done:
+            scores = {k: score(model, processor, d)["cer"] for k, d in evals.items()}
+            cers = " ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            print(f"step {step} CER {cers}", flush=True)
+            log.write(json.dumps({"step": step, "progress": p, **scores}) + "\n")
+            log.flush()
+            state = {
+                "model": model.state_dict(),
+                "head": head.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+            }
+            atomic_write(ckpt, partial(torch.save, state))
+        if done:
+            break
+    model.cpu()
+    export(model, processor, args.out / "model")
+    if args.chunks:  # the same model in small files, to carry it off a machine with size limits
+        model.save_pretrained(args.chunks, max_shard_size="15MB")
+        processor.save_pretrained(args.chunks)
+    print(f"saved {args.out / 'model'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@
     python bench/speed.py [--quick] [--out bench/results]
 
 Rows (lines per second, peak memory), for TrOCR-base's architecture (random weights:
-speed does not depend on them) and for the tiny model:
+speed does not depend on them) and for the embedded model (hwr/weights/embedded):
   train (a) transformers' Seq2SeqTrainer fed by torchvision augmentations + TrOCRProcessor,
             written the way its tutorials do; (b) hwr's train.py path with its defaults;
             (c) hwr with its fastest settings (bf16 autocast).
@@ -11,6 +11,9 @@ speed does not depend on them) and for the tiny model:
             transformers 5 removed it); (b) hwr batched reading; (c) hwr's fastest CPU
             path (bf16 autocast, batched).
   data   decode + augment + process alone, as the training DataLoader does it.
+  read   the embedded model reading real lines of writers it never saw (Copiste test
+         writers; the shipped sample without ../shared/data) as they come, greedy,
+         batches of 128: lines/s and CER, in float32 and in bf16 (what the fast path costs).
 With random weights the decoded length is fixed (min = max new tokens) so every row
 decodes as many tokens. Each row runs in its own (forked) process, so its peak memory is
 its own.
@@ -37,8 +40,9 @@ NEW_TOKENS = 24
 
 
 def build_models(root: Path) -> dict[str, Path]:
+    from hwr.embedded import embedded_path
     from hwr.synth import SAMPLE_TEXT
-    from hwr.tiny import TROCR_BASE, bpe_tokenizer, build_tiny, trocr_layout
+    from hwr.tiny import TROCR_BASE, bpe_tokenizer, trocr_layout
 
     base = root / "trocr-base"
     model, processor = trocr_layout(
@@ -49,15 +53,21 @@ def build_models(root: Path) -> dict[str, Path]:
     )
     model.save_pretrained(base)
     processor.save_pretrained(base)
-    return {"trocr-base": base, "tiny": build_tiny(root / "tiny")}
+    return {"trocr-base": base, "embedded": embedded_path()}
 
 
-def write_lines(root: Path, n: int) -> Path:
-    """n real lines (Copiste, when ../shared/data is there) or the shipped sample, as a CSV."""
+def write_lines(root: Path, n: int, unseen: bool = False) -> Path:
+    """n real lines (Copiste, when ../shared/data is there) or the shipped sample, as a CSV;
+    unseen: only lines of the writers the embedded model's pre-training kept out."""
+    from hwr.pretrain import writer_split
+
     source = SHARED if SHARED.is_file() else REPO / "line_data" / "lines.csv"
     with source.open(encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))[:n]
-    out = root / "lines.csv"
+        rows = list(csv.DictReader(f))
+    if unseen and "writer" in rows[0]:
+        rows = [r for r in rows if writer_split(r["writer"]) == "test"]
+    rows = rows[:n]
+    out = root / ("unseen.csv" if unseen else "lines.csv")
     with out.open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file_name", "text"])
@@ -225,6 +235,25 @@ def infer_hwr(model_dir: Path, csv_path: Path, n: int, fast: bool) -> tuple[floa
     return n / (time.perf_counter() - start), peak_mb()
 
 
+def read_real_lines(model_dir: Path, csv_path: Path, n: int, fast: bool) -> tuple:
+    """Read real lines as they come (no fixed length): lines/s, peak MB and CER."""
+    from hwr.metrics import TextMetrics
+    from hwr.model import load_pretrained, read_images
+
+    model, processor = load_pretrained(str(model_dir))
+    model.eval()
+    images = _images(csv_path, n)
+    with csv_path.open(encoding="utf-8") as f:
+        texts = [r["text"] for r in csv.DictReader(f)][:n]
+    read_images(model, processor, images[:2], bf16=fast)  # warm-up
+    start = time.perf_counter()
+    got, _ = read_images(model, processor, images, 128, bf16=fast)
+    speed = len(images) / (time.perf_counter() - start)
+    metrics = TextMetrics()
+    metrics.update(got, texts)
+    return speed, peak_mb(), metrics.compute()["cer"]
+
+
 def data_loading(model_dir: Path, csv_path: Path, n: int) -> tuple[float, float]:
     """Decode + augment + process, with the DataLoader settings training uses."""
     from hydra import compose, initialize_config_dir
@@ -293,6 +322,12 @@ def main() -> None:
         csv_path = write_lines(root, 64)
         for arch, model_dir in models.items():
             arch_batches = batches if arch == "trocr-base" else (8, 32)[: len(batches)]
+            if arch == "embedded":
+                n_real = 64 if args.quick else 256
+                unseen = write_lines(root, n_real, unseen=True)
+                for name, fast in (("float32", False), ("bf16", True)):
+                    speed, mem, cer = run_row(read_real_lines, model_dir, unseen, n_real, fast)
+                    rows.append((arch, "read unseen writers", name, speed, mem, cer))
             for b in arch_batches:
                 arch_steps = steps if arch == "trocr-base" else 10
                 for name, fn in (
@@ -301,13 +336,20 @@ def main() -> None:
                     ("(c) hwr bf16", partial(train_hwr, fast=True)),
                 ):
                     speed, mem = run_row(fn, model_dir, csv_path, b, arch_steps)
-                    rows.append((arch, f"train b={b}", name, speed, mem))
+                    rows.append((arch, f"train b={b}", name, speed, mem, None))
                     print(rows[-1], file=sys.stderr, flush=True)
             if arch == "trocr-base":
                 fn = partial(train_hwr, fast=True, extra=("optim=adafactor",))
                 speed, mem = run_row(fn, model_dir, csv_path, batches[0], steps)
                 rows.append(
-                    (arch, f"train b={batches[0]}", "(c) hwr bf16, optim=adafactor", speed, mem)
+                    (
+                        arch,
+                        f"train b={batches[0]}",
+                        "(c) hwr bf16, optim=adafactor",
+                        speed,
+                        mem,
+                        None,
+                    )
                 )
             n = n_infer if arch == "trocr-base" else 64
             for name, fn in (
@@ -316,10 +358,10 @@ def main() -> None:
                 ("(c) hwr batched bf16", partial(infer_hwr, fast=True)),
             ):
                 speed, mem = run_row(fn, model_dir, csv_path, n)
-                rows.append((arch, "infer", name, speed, mem))
+                rows.append((arch, "infer", name, speed, mem, None))
                 print(rows[-1], file=sys.stderr, flush=True)
         speed, mem = run_row(data_loading, models["trocr-base"], csv_path, 64)
-        rows.append(("any", "data", "decode+augment+process, 2 workers", speed, mem))
+        rows.append(("any", "data", "decode+augment+process, 2 workers", speed, mem, None))
 
     def find(arch, task, prefix):
         return next(r[3] for r in rows if r[0] == arch and r[1] == task and r[2].startswith(prefix))
@@ -328,9 +370,12 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{'quick' if args.quick else 'full'} run of {time.perf_counter() - began:.0f} s",
         "",
-        "| model | task | way | lines/s | peak MB |",
-        "|---|---|---|---|---|",
-        *(f"| {a} | {t} | {w} | {s:.2f} | {m:.0f} |" for a, t, w, s, m in rows),
+        "| model | task | way | lines/s | peak MB | CER |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {a} | {t} | {w} | {s:.2f} | {m:.0f} | {'' if c is None else f'{c:.4f}'} |"
+            for a, t, w, s, m, c in rows
+        ),
     ]
     train_ratio = find("trocr-base", f"train b={batches[0]}", "(c)") / find(
         "trocr-base", f"train b={batches[0]}", "(a)"
@@ -347,7 +392,7 @@ def main() -> None:
     name = "speed_quick" if args.quick else "speed"
     (args.out / f"{name}.md").write_text(text + "\n", encoding="utf-8")
     with (args.out / f"{name}.csv").open("w", encoding="utf-8", newline="") as f:
-        csv.writer(f).writerows([("model", "task", "way", "lines_per_s", "peak_mb"), *rows])
+        csv.writer(f).writerows([("model", "task", "way", "lines_per_s", "peak_mb", "cer"), *rows])
     print(text)
 
 

@@ -218,16 +218,21 @@ class LineDataset(Dataset):
             image = img.convert("RGB")
         if self.transform is not None:
             image = self.transform(image)
-        pixels = self.processor(images=image, return_tensors="pt").pixel_values[0]
-        labels = self.processor.tokenizer(
-            line.text, truncation=True, max_length=self.max_target_length
-        ).input_ids
-        return {
-            "pixel_values": pixels,
-            "labels": torch.tensor(labels),
-            "index": i,
-            "text": line.text,
-        }
+        return encode_line(self.processor, image, line.text, i, self.max_target_length)
+
+
+def encode_line(
+    processor, image: Image.Image, text: str, index: int = 0, max_target_length: int = 256
+) -> dict:
+    """One line as the model takes it: processor pixels, token ids; index and text kept."""
+    return {
+        "pixel_values": processor(images=image, return_tensors="pt").pixel_values[0],
+        "labels": torch.tensor(
+            processor.tokenizer(text, truncation=True, max_length=max_target_length).input_ids
+        ),
+        "index": index,
+        "text": text,
+    }
 
 
 def collate(batch: list[dict]) -> dict:

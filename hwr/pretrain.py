@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
-from hwr.data import LineDataset, collate, read_lines
+from hwr.data import LineDataset, collate, encode_line, read_lines
 from hwr.embedded import build_embedded
 from hwr.metrics import TextMetrics
 from hwr.model import export, load_pretrained, read_batch, wire_token_ids
@@ -86,12 +86,7 @@ class LineStream(IterableDataset):
             ramp = min(1.0, p / self.short_first) if self.short_first else 1.0
             text = texts.line(max_chars=round(8 + 72 * ramp))
             image = render_line(text, rng.choice(TRAIN_FONTS), rng).convert("RGB")
-            yield {
-                "pixel_values": self.processor(images=image, return_tensors="pt").pixel_values[0],
-                "labels": torch.tensor(self.processor.tokenizer(text).input_ids),
-                "index": 0,
-                "text": text,
-            }
+            yield encode_line(self.processor, image, text)
 
 
 class Progress:
@@ -155,18 +150,14 @@ class RenderedLines(LineDataset):
 
     def __getitem__(self, i: int) -> dict:
         image, text = self.items[i]
-        return {
-            "pixel_values": self.processor(images=image, return_tensors="pt").pixel_values[0],
-            "labels": torch.tensor(self.processor.tokenizer(text).input_ids),
-            "index": i,
-            "text": text,
-        }
+        return encode_line(self.processor, image, text, i)
 
 
-def real_datasets(real: Path | None, processor) -> tuple[dict[str, list], list[str]]:
+def real_datasets(real: Path | None, group_by: str) -> tuple[dict[str, list], list[str]]:
+    """Real lines by side of the writer split, and the training side's texts."""
     if real is None:
         return {"train": [], "val": [], "test": []}, []
-    lines = read_lines(Path(real) / "lines.csv", group_by="writer")
+    lines = read_lines(Path(real) / "lines.csv", group_by=group_by)
     by = {"train": [], "val": [], "test": []}
     for line in lines:
         by[writer_split(line.group or "")].append(line)
@@ -176,7 +167,8 @@ def real_datasets(real: Path | None, processor) -> tuple[dict[str, list], list[s
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("outputs/pretrain"))
-    ap.add_argument("--real", type=Path, help="folder with lines.csv (column writer)")
+    ap.add_argument("--real", type=Path, help="folder with a lines.csv of real lines")
+    ap.add_argument("--group-by", default="writer", help="real lines' column to split by")
     ap.add_argument("--init", type=Path, help="start from this saved model (folder or name)")
     ap.add_argument("--steps", type=int, default=100_000, help="schedule length in steps")
     ap.add_argument("--minutes", type=float, default=120, help="stop (and save) after this")
@@ -205,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     head = nn.Linear(model.config.encoder.hidden_size, len(tok))
     model.to(device).train()
     head.to(device)
-    real, sentences = real_datasets(args.real, processor)
+    real, sentences = real_datasets(args.real, args.group_by)
     evals = {"fonts": RenderedLines(processor, HELD_OUT_FONTS, args.eval_lines, seed=12345)}
     if real["val"]:
         evals["val_writers"] = LineDataset(real["val"], processor)
@@ -274,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         step += 1
         progress.step = step
         seen += len(labels)
-        done = p >= 1.0
+        done = progress() >= 1.0
         if step % 50 == 0:
             rate = seen / (time.time() - t_log)
             seen, t_log = 0, time.time()

@@ -91,7 +91,7 @@ def test_export_round_trip_reads_the_same(trocr_miniature: Path, tmp_path: Path)
     assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
 
     images = [
-        Image.open(SAMPLE_CSV.parent / f"images/line_{i:04d}.png").convert("RGB") for i in (0, 1)
+        Image.open(SAMPLE_CSV.parent / f"images/line_{i:05d}.png").convert("RGB") for i in (0, 1)
     ]
     pixels = module.processor(images=images, return_tensors="pt").pixel_values
     module.model.eval()

@@ -149,7 +149,7 @@ def test_multirun_writes_a_summary_that_shows_failed_jobs(tmp_path: Path):
     )
 
 
-@pytest.mark.parametrize("model", ["trocr_base", "trocr_small", "trocr_large", "tiny"])
+@pytest.mark.parametrize("model", ["trocr_base", "trocr_small", "trocr_large", "embedded", "tiny"])
 def test_every_model_option_composes(compose_cfg, model: str):
     cfg = compose_cfg("train", [f"model={model}"])
     assert cfg.model._target_ == "hwr.model.TrOCRModule"
@@ -167,8 +167,9 @@ def test_defaults_follow_the_original_recipe(compose_cfg):
 
 def test_quickstart_experiment_composes(compose_cfg):
     cfg = compose_cfg("train", ["experiment=quickstart"])
-    assert cfg.model.name_or_path == "tiny"
+    assert cfg.model.name_or_path == "embedded"
     assert cfg.data.csv == "line_data/lines.csv"
+    assert cfg.optim.lr == 3e-5 and cfg.data.val_fraction == 0.5
 
 
 def test_optuna_search_composes(compose_cfg):

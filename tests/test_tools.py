@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -30,18 +31,16 @@ def make_page(
     """A page image with n rendered lines (per column); returns it and each line's box."""
     import random
 
-    from fontpkg import path as font_path
-
     rng = random.Random(0)
     page = Image.new("RGB", (1600 * columns, 200 + 110 * n), (245, 242, 235))
     boxes = []
     for c in range(columns):
         for i in range(n):
-            line = render_line(
-                SAMPLE_TEXT.splitlines()[i + c * n], font_path("caveat"), rng, height=70
-            )
+            line = render_line(SAMPLE_TEXT.splitlines()[i + c * n], "caveat", rng, height=70)
             x, y = 80 + 1600 * c, 100 + 110 * i
-            page.paste(line.convert("RGB"), (x, y))
+            gray = np.asarray(line)
+            ink = gray < (np.median(gray) + gray.min()) / 2  # the ink alone, not its paper
+            page.paste(line.convert("RGB"), (x, y), Image.fromarray(ink.astype(np.uint8) * 255))
             boxes.append(
                 (x, y, x + line.width, y + line.height, SAMPLE_TEXT.splitlines()[i + c * n])
             )
@@ -123,7 +122,7 @@ def test_segmenter_on_real_pages_matches_most_xml_lines():
 def test_predict_reads_lines_and_pages(tmp_path: Path, trocr_miniature: Path):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    Image.open(REPO / "line_data/images/line_0000.png").save(inputs / "a_line.png")
+    Image.open(REPO / "line_data/images/line_00000.png").save(inputs / "a_line.png")
     page, _ = make_page(tmp_path, n=8)  # taller than half its width: a page
     page.rename(inputs / "b_page.png")
     out = tmp_path / "run"
@@ -168,7 +167,7 @@ def label_server(tmp_path: Path):
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     for i in range(3):
-        Image.open(REPO / f"line_data/images/line_{i:04d}.png").save(data / f"images/{i}.png")
+        Image.open(REPO / f"line_data/images/line_{i:05d}.png").save(data / f"images/{i}.png")
     (tmp_path / "secret.png").write_bytes(b"not for you")
     (data / "lines.csv").write_text(
         "file_name,text,page\nimages/0.png,,p1\nimages/1.png,Buy milk,p1\nimages/2.png,,p1\n"

@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
+import multiprocessing
+import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
@@ -285,6 +288,14 @@ def contact_sheet(images: Sequence[Image.Image], path: Path, width: int = 1200) 
     return path
 
 
+CHUNK = 100
+
+
+def _render_chunk(job: tuple[int, tuple[str, ...], int]) -> list[tuple[Image.Image, str, str]]:
+    n, fonts, seed = job
+    return list(synthetic_lines(n, fonts, seed=seed))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("line_data"), help="output folder")
@@ -296,11 +307,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--fonts", nargs="+", default=None, help="fontpkg font families")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes")
     parser.add_argument("--sheet", type=Path, help="also save the first 24 lines as one PNG")
     args = parser.parse_args(argv)
     if args.lines:
-        lines = synthetic_lines(args.lines, args.fonts or TRAIN_FONTS, seed=args.seed)
-        csv_path = write_lines(args.out, lines, args.lines)
+        # Fixed-size chunks, each with its own seed: the same lines for any --workers.
+        fonts = tuple(args.fonts or TRAIN_FONTS)
+        chunks = [
+            (min(CHUNK, args.lines - start), fonts, args.seed * 1_000_003 + start // CHUNK)
+            for start in range(0, args.lines, CHUNK)
+        ]
+        with multiprocessing.Pool(args.workers) as pool:
+            lines = itertools.chain.from_iterable(pool.imap(_render_chunk, chunks))
+            csv_path = write_lines(args.out, lines, args.lines)
     else:
         font = (args.fonts or ["caveat"])[0]
         csv_path = write_sample(args.out, SAMPLE_TEXT.splitlines(), font, args.seed)

@@ -88,3 +88,13 @@ def test_pretraining_resumes_and_saves_a_loadable_model(tmp_path: Path, lines_di
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
     model, processor = load_pretrained(str(out / "model"))
     assert model.config.encoder.patch_size == [40, 5] and len(processor.tokenizer) == 144
+
+
+def test_synth_cli_writes_the_same_lines_with_any_number_of_workers(tmp_path: Path):
+    from hwr.synth import main as synth
+
+    for workers in (1, 2):
+        synth(["--out", str(tmp_path / f"w{workers}"), "--lines", "150", "--workers", str(workers)])
+    one, two = (read_lines(tmp_path / f"w{w}" / "lines.csv") for w in (1, 2))
+    assert [x.text for x in one] == [x.text for x in two] and len(one) == 150
+    assert (one[120].image.read_bytes()) == (two[120].image.read_bytes())

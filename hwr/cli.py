@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("label", help="serve a local page to type or correct the lines")
     p.add_argument("csv", type=Path, help="the line CSV; accepted lines are saved into it")
-    p.add_argument("--model", help="pre-fill with this model's reading (hub id, folder, tiny)")
+    p.add_argument("--model", help="pre-fill with this model's reading (hub id, folder, embedded)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--no-browser", action="store_true", help="do not open a browser")
 

@@ -95,11 +95,16 @@ def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(fontpkg.path(name)), size=size)
 
 
+@cache
+def _advance(name: str, size: int, ch: str) -> float:
+    return _font(name, size).getlength(ch)
+
+
 def _draw_glyphs(text: str, font_name: str, rng: random.Random) -> Image.Image:
     """Ink mask (255 = ink) of the text, glyph by glyph: size, place and spacing jitter."""
     size = rng.randint(38, 46)
     spacing = rng.uniform(-0.06, 0.12)
-    width = int(sum(_font(font_name, size + 4).getlength(c) for c in text) * 1.3) + 4 * size
+    width = int(sum(_advance(font_name, size + 4, c) for c in text) * 1.3) + 4 * size
     mask = Image.new("L", (width, 3 * size), 0)
     draw = ImageDraw.Draw(mask)
     x, drift = size / 2, 0.0
@@ -107,7 +112,7 @@ def _draw_glyphs(text: str, font_name: str, rng: random.Random) -> Image.Image:
         font = _font(font_name, size + round(rng.gauss(0, 1.2)))
         drift = 0.9 * drift + rng.gauss(0, 0.6)
         draw.text((x + rng.gauss(0, 0.6), size + drift), ch, font=font, fill=255, anchor="ls")
-        x += font.getlength(ch) * (1 + spacing + rng.gauss(0, 0.04))
+        x += _advance(font_name, font.size, ch) * (1 + spacing + rng.gauss(0, 0.04))
     return mask
 
 

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 
@@ -200,6 +201,11 @@ class TextSource:
         for i, f in enumerate(self.fakers):
             f.seed_instance(seed * 10 + i)
 
+    @staticmethod
+    def _when(f: Faker) -> datetime:
+        # Fixed bounds: Faker's default range ends "now", which would change the lines.
+        return f.date_time_between(datetime(1900, 1, 1), datetime(2030, 12, 31))
+
     def _fake(self) -> str:
         f, r = self.rng.choice(self.fakers), self.rng.random()
         if r < 0.45:
@@ -207,14 +213,15 @@ class TextSource:
         if r < 0.55:
             return f.address().replace("\n", ", ")
         if r < 0.65:
-            return f"{f.name()}, {f.date(pattern=self.rng.choice(['%d/%m/%Y', '%Y-%m-%d']))}"
+            pattern = self.rng.choice(["%d/%m/%Y", "%Y-%m-%d"])
+            return f"{f.name()}, {self._when(f).strftime(pattern)}"
         if r < 0.72:
             price = f"{self.rng.randint(1, 9999)},{self.rng.randint(0, 99):02d}"
             return f"{f.catch_phrase()} : {price} €"
         if r < 0.8:
             return f"{f.phone_number()} ({f.first_name()})"
         if r < 0.9:
-            return f"{f.date_time().strftime('%H:%M')} {f.sentence(nb_words=5)}"
+            return f"{self._when(f).strftime('%H:%M')} {f.sentence(nb_words=5)}"
         return f"{f.word().capitalize()} ! {f.sentence(nb_words=4)} ? « {f.word()} »"
 
     def line(self, max_chars: int = 80) -> str:

@@ -87,6 +87,8 @@ def predict(cfg: DictConfig) -> list[Reading]:
         raise ValueError(f"precision={cfg.precision}: use fp32 or bf16")
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     model.eval().to(torch.device(auto if cfg.device == "auto" else cfg.device))
+    if cfg.model.compile_encoder:
+        model.encoder.compile()  # as in training: the encoder only, in place
     readings, images = cut_lines(find_images(cfg.inputs), instantiate(cfg.segmenter), cfg.segment)
     texts, confidences = read_images(
         model,

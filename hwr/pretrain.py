@@ -26,12 +26,14 @@ import zlib
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
+from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
 from hwr.data import LineDataset, collate, encode_line, read_lines
 from hwr.embedded import build_embedded
@@ -91,14 +93,15 @@ class LineStream(IterableDataset):
 
 class Progress:
     """Share of the run done: steps or minutes, whichever is further along (picklable, so
-    dataloader workers follow the same curriculum by the clock)."""
+    dataloader workers follow the same curriculum by the clock). A resumed run starts
+    from the share its checkpoint had reached."""
 
-    def __init__(self, steps: int, minutes: float, start_step: int) -> None:
-        self.steps, self.seconds, self.start_step = steps, minutes * 60, start_step
-        self.t0, self.step = time.time(), start_step
+    def __init__(self, steps: int, minutes: float, step: int = 0, done: float = 0.0) -> None:
+        self.steps, self.seconds, self.step, self.done = steps, minutes * 60, step, done
+        self.t0 = time.time()
 
     def __call__(self) -> float:
-        by_time = (time.time() - self.t0) / self.seconds + self.start_step / self.steps
+        by_time = self.done + (time.time() - self.t0) / self.seconds
         return min(1.0, max(self.step / self.steps, by_time))
 
 
@@ -210,25 +213,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = [p for n, p in model.named_parameters() if "pooler" not in n] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.05)
     args.out.mkdir(parents=True, exist_ok=True)
-    ckpt, step = args.out / "last.pt", 0
+    ckpt, progress = args.out / "last.pt", Progress(args.steps, args.minutes)
     if ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
-        step = state["step"]
-        print(f"resumed from {ckpt} at step {step}")
-    progress = Progress(args.steps, args.minutes, step)
-
-    def lr_at(p: float) -> float:
-        warm = min(1.0, (step + 1) / args.warmup)
-        return args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+        progress = Progress(args.steps, args.minutes, state["step"], state["progress"])
+        print(f"resumed from {ckpt} at step {progress.step}")
 
     stream = LineStream(
         processor,
         LineDataset(real["train"], processor, REAL_AUGMENT) if real["train"] else None,
         sentences,
-        args.seed + step,
+        args.seed + progress.step,
         args.short_first,
         args.real_share,
         progress,
@@ -241,7 +239,36 @@ def main(argv: Sequence[str] | None = None) -> None:
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if args.workers else None,
     )
-    log = open(args.out / "log.jsonl", "a")  # noqa: SIM115 (open for the whole run)
+    with open(args.out / "log.jsonl", "a") as log:
+        step = train_loop(args, model, head, processor, opt, loader, evals, progress, log, ckpt)
+    model.cpu()
+    export(model, processor, args.out / "model")
+    if args.chunks:  # the same model in small files, to carry it off a machine with size limits
+        model.save_pretrained(args.chunks, max_shard_size="15MB")
+        processor.save_pretrained(args.chunks)
+    print(f"saved {args.out / 'model'} after step {step}")
+
+
+def train_loop(
+    args: argparse.Namespace,
+    model: VisionEncoderDecoderModel,
+    head: nn.Linear,
+    processor: TrOCRProcessor,
+    opt: torch.optim.Optimizer,
+    loader: DataLoader,
+    evals: dict[str, LineDataset],
+    progress: Progress,
+    log: TextIO,
+    ckpt: Path,
+) -> int:
+    """Step until progress reaches 1; score and checkpoint every --eval-every steps."""
+    device, tok, step = next(model.parameters()).device, processor.tokenizer, progress.step
+    params = [p for group in opt.param_groups for p in group["params"]]
+
+    def lr_at(p: float) -> float:
+        warm = min(1.0, (step + 1) / args.warmup)
+        return args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
     seen, t_log = 0, time.time()
     for batch in loader:
         p = progress()
@@ -286,16 +313,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "head": head.state_dict(),
                 "opt": opt.state_dict(),
                 "step": step,
+                "progress": progress(),
             }
             atomic_write(ckpt, partial(torch.save, state))
         if done:
-            break
-    model.cpu()
-    export(model, processor, args.out / "model")
-    if args.chunks:  # the same model in small files, to carry it off a machine with size limits
-        model.save_pretrained(args.chunks, max_shard_size="15MB")
-        processor.save_pretrained(args.chunks)
-    print(f"saved {args.out / 'model'}")
+            return step
+    return step
 
 
 if __name__ == "__main__":

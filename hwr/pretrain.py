@@ -31,7 +31,7 @@ from typing import TextIO
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
@@ -40,7 +40,7 @@ from hwr.embedded import build_embedded
 from hwr.metrics import TextMetrics
 from hwr.model import export, load_pretrained, read_batch, wire_token_ids
 from hwr.report import atomic_write
-from hwr.synth import HELD_OUT_FONTS, TRAIN_FONTS, TextSource, render_line
+from hwr.synth import HELD_OUT_FONTS, TRAIN_FONTS, TextSource, render_line, synthetic_lines
 
 REAL_AUGMENT = v2.Compose(
     [
@@ -122,7 +122,7 @@ def ctc_loss(
 
 
 @torch.no_grad()
-def score(model, processor, dataset: LineDataset, batch_size: int = 64) -> dict[str, float]:
+def score(model, processor, dataset: Dataset, batch_size: int = 64) -> dict[str, float]:
     """Greedy-read a dataset; CER, WER, accuracy over its lines."""
     model.eval()
     device = next(model.parameters()).device
@@ -137,16 +137,14 @@ def score(model, processor, dataset: LineDataset, batch_size: int = 64) -> dict[
     return metrics.compute()
 
 
-class RenderedLines(LineDataset):
-    """A fixed set of rendered lines (e.g. in held-out fonts), as a LineDataset."""
+class RenderedLines(Dataset):
+    """A fixed set of rendered lines (e.g. in held-out fonts), encoded like LineDataset's."""
 
     def __init__(self, processor, fonts: Sequence[str], n: int, seed: int) -> None:
-        rng, texts = random.Random(seed), TextSource(seed=seed)
-        self.items = []
-        for _ in range(n):
-            text = texts.line()
-            self.items.append((render_line(text, rng.choice(fonts), rng).convert("RGB"), text))
-        super().__init__([], processor)
+        self.processor = processor
+        self.items = [
+            (im.convert("RGB"), text) for im, text, _ in synthetic_lines(n, fonts, seed=seed)
+        ]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -158,11 +156,8 @@ class RenderedLines(LineDataset):
 
 def real_datasets(real: Path | None, group_by: str) -> tuple[dict[str, list], list[str]]:
     """Real lines by side of the writer split, and the training side's texts."""
-    if real is None:
-        return {"train": [], "val": [], "test": []}, []
-    lines = read_lines(Path(real) / "lines.csv", group_by=group_by)
     by = {"train": [], "val": [], "test": []}
-    for line in lines:
+    for line in read_lines(Path(real) / "lines.csv", group_by=group_by) if real else []:
         by[writer_split(line.group or "")].append(line)
     return by, [line.text for line in by["train"]]
 
@@ -256,7 +251,7 @@ def train_loop(
     processor: TrOCRProcessor,
     opt: torch.optim.Optimizer,
     loader: DataLoader,
-    evals: dict[str, LineDataset],
+    evals: dict[str, Dataset],
     progress: Progress,
     log: TextIO,
     ckpt: Path,

@@ -262,7 +262,8 @@ def write_lines(
     total: int | None = None,
     lines_per_page: int = 8,
 ) -> Path:
-    """Save (image, text, group) triples as out_dir/images/*.png and out_dir/lines.csv."""
+    """Save (image, text, font) triples as out_dir/images/*.png and out_dir/lines.csv
+    (with a page column: lines_per_page lines to a page)."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -336,8 +337,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         font = (args.fonts or ["caveat"])[0]
         csv_path = write_sample(args.out, SAMPLE_TEXT.splitlines(), font, args.seed)
     if args.sheet:
+        with csv_path.open(encoding="utf-8", newline="") as f:
+            names = [row["file_name"] for row in itertools.islice(csv.DictReader(f), 24)]
         images = []
-        for name in [row.split(",")[0] for row in csv_path.read_text().splitlines()[1:25]]:
+        for name in names:
             with Image.open(args.out / name) as im:
                 images.append(im.copy())
         contact_sheet(images, args.sheet)

@@ -262,7 +262,7 @@ class TrOCRModule(L.LightningModule):
             rows.append(f"| {line.file_name} | {line.text} | {pred} |")
             if step == 0:
                 with Image.open(line.image) as img:
-                    pixels = torch.from_numpy(np.asarray(img.convert("L")))
+                    pixels = np.asarray(img.convert("L"))
                 writer.add_image(f"examples/{i}", pixels, step, dataformats="HW")
         writer.add_text("examples", "\n".join(rows), step)
 

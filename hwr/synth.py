@@ -101,44 +101,61 @@ def _advance(name: str, size: int, ch: str) -> float:
     return _font(name, size).getlength(ch)
 
 
+@cache
+def _glyph(name: str, size: int, ch: str) -> tuple[Image.Image, int, int]:
+    """A character's ink bitmap and its offset from the pen position (baseline, left),
+    rendered once: drawing every glyph through FreeType each time was the slowest step."""
+    font = _font(name, size)
+    left, top, right, bottom = font.getbbox(ch, anchor="ls")
+    glyph = Image.new("L", (max(1, right - left), max(1, bottom - top)), 0)
+    ImageDraw.Draw(glyph).text((-left, -top), ch, font=font, fill=255, anchor="ls")
+    return glyph, left, top
+
+
 def _draw_glyphs(text: str, font_name: str, rng: random.Random) -> Image.Image:
     """Ink mask (255 = ink) of the text, glyph by glyph: size, place and spacing jitter."""
     size = rng.randint(38, 46)
     spacing = rng.uniform(-0.06, 0.12)
     width = int(sum(_advance(font_name, size + 4, c) for c in text) * 1.3) + 4 * size
     mask = Image.new("L", (width, 3 * size), 0)
-    draw = ImageDraw.Draw(mask)
     x, drift = size / 2, 0.0
     for ch in text:
-        font = _font(font_name, size + round(rng.gauss(0, 1.2)))
+        glyph_size = size + round(rng.gauss(0, 1.2))
         drift = 0.9 * drift + rng.gauss(0, 0.6)
-        draw.text((x + rng.gauss(0, 0.6), size + drift), ch, font=font, fill=255, anchor="ls")
-        x += _advance(font_name, font.size, ch) * (1 + spacing + rng.gauss(0, 0.04))
+        glyph, left, top = _glyph(font_name, glyph_size, ch)
+        at = (round(x + rng.gauss(0, 0.6)) + left, round(size + drift) + top)
+        mask.paste(255, (*at, at[0] + glyph.width, at[1] + glyph.height), glyph)
+        x += _advance(font_name, glyph_size, ch) * (1 + spacing + rng.gauss(0, 0.04))
     return mask
 
 
-def _wave(mask: np.ndarray, rng: random.Random) -> np.ndarray:
-    """Baseline drift: shift each column up or down along a slow wave."""
+def _wave(mask: np.ndarray, rng: random.Random, scale: float) -> np.ndarray:
+    """Baseline drift: shift each column up or down along a slow wave (sizes in pixels of
+    the drawn glyphs, times scale)."""
     h, w = mask.shape
     amp, period, phase = rng.uniform(0, 4), rng.uniform(300, 1500), rng.uniform(0, 6.3)
+    amp, period = amp * scale, period * scale
     shift = (amp * np.sin(np.arange(w) * 2 * np.pi / period + phase)).round().astype(int)
     rows = np.clip(np.arange(h)[:, None] - shift[None, :], 0, h - 1)
     return mask[rows, np.arange(w)[None, :]]
 
 
-def _paper(h: int, w: int, rng: random.Random, nrng: np.random.Generator) -> np.ndarray:
-    """Paper: a tone, a gentle gradient, grain, and sometimes ruled lines or a grid."""
+def _paper(
+    h: int, w: int, rng: random.Random, nrng: np.random.Generator, scale: float
+) -> np.ndarray:
+    """Paper: a tone, a gentle gradient, grain, and sometimes ruled lines or a grid (its
+    step in pixels of the drawn glyphs, times scale)."""
     tone = rng.uniform(150, 250)
     grad = np.linspace(0, rng.uniform(-20, 20), w)[None, :]
     grain = nrng.normal(0, rng.uniform(0, 6), (h, w))
     paper = tone + grad + grain
     rule = rng.random()
     if rule < 0.45:
-        darkness = rng.uniform(20, 60)
+        darkness = rng.uniform(20, 60) * min(1.0, scale)  # a thin line, seen at this scale
         y0 = int(h * rng.uniform(0.62, 0.9))
         paper[max(0, y0 - 1) : y0 + rng.randint(0, 1), :] -= darkness
         if rule < 0.15:
-            step = rng.randint(14, 30)
+            step = max(4, round(rng.randint(14, 30) * scale))
             paper[:, rng.randint(0, step) :: step] -= darkness * 0.7
             paper[y0 % step :: step, :] -= darkness * 0.7
     return paper
@@ -164,13 +181,18 @@ def render_line(text: str, font_name: str, rng: random.Random, height: int = 64)
     mask = mask.rotate(rng.gauss(0, 0.8), resample=Image.BILINEAR, expand=True)
     margin = [rng.randint(2, 16) for _ in range(4)]
     mask = mask.crop((-margin[0], -margin[1], mask.width + margin[2], mask.height + margin[3]))
-    ink = _wave(np.asarray(mask, dtype=np.float32) / 255, rng)
+    # Paper and ink are made at the output height: the same look, fewer pixels to make.
+    scale = height / mask.height
+    mask = mask.resize((max(1, round(mask.width * scale)), height), Image.BILINEAR)
+    ink = _wave(np.asarray(mask, dtype=np.float32) / 255, rng, scale)
     h, w = ink.shape
-    paper = _paper(h, w, rng, nrng)
+    paper = _paper(h, w, rng, nrng, scale)
     # Pressure: ink darkness varies slowly along the line.
     level = rng.uniform(0.5, 1.0)
     pressure = np.clip(
-        level + np.cumsum(nrng.normal(0, 0.01, w))[None, :] + nrng.normal(0, 0.05, (h, w)),
+        level
+        + np.cumsum(nrng.normal(0, 0.01 / scale**0.5, w))[None, :]
+        + nrng.normal(0, 0.05, (h, w)),
         0.6,
         1,
     )
@@ -181,8 +203,7 @@ def render_line(text: str, font_name: str, rng: random.Random, height: int = 64)
         img = lo + (hi - lo) * img / 255
     img = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     if rng.random() < 0.4:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
-    img = img.resize((max(1, round(w * height / h)), height), Image.BILINEAR)
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2) * scale))
     if rng.random() < 0.4:
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=rng.randint(30, 90))

@@ -11,6 +11,7 @@ speed does not depend on them) and for the embedded model (hwr/weights/embedded)
             transformers 5 removed it); (b) hwr batched reading; (c) hwr's fastest CPU
             path (bf16 autocast, batched).
   data   decode + augment + process alone, as the training DataLoader does it.
+  synth  hwr.synth rendering synthetic handwriting lines (text included), one process.
   read   the embedded model reading real lines of writers it never saw (Copiste test
          writers; the shipped sample without ../shared/data) as they come, greedy,
          batches of 128: lines/s and CER, in float32 and in bf16 (what the fast path costs).
@@ -196,12 +197,13 @@ def train_hwr(
 # ---- inference rows ----
 
 
-def _images(csv_path: Path, n: int):
+def _lines(csv_path: Path, n: int) -> tuple[list, list[str]]:
+    """The first n lines' images and texts."""
     from PIL import Image
 
     with csv_path.open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))[:n]
-    return [Image.open(r["file_name"]).convert("RGB") for r in rows]
+    return [Image.open(r["file_name"]).convert("RGB") for r in rows], [r["text"] for r in rows]
 
 
 def infer_line_by_line(model_dir: Path, csv_path: Path, n: int) -> tuple[float, float]:
@@ -210,7 +212,7 @@ def infer_line_by_line(model_dir: Path, csv_path: Path, n: int) -> tuple[float, 
 
     processor = TrOCRProcessor.from_pretrained(model_dir)
     model = VisionEncoderDecoderModel.from_pretrained(model_dir).eval()
-    images = _images(csv_path, n + 1)
+    images, _ = _lines(csv_path, n + 1)
     with torch.no_grad():
         for i, image in enumerate(images):
             if i == 1:
@@ -228,7 +230,7 @@ def infer_hwr(model_dir: Path, csv_path: Path, n: int, fast: bool) -> tuple[floa
     model, processor = load_pretrained(str(model_dir), NEW_TOKENS)
     model.eval()
     model.generation_config.min_new_tokens = NEW_TOKENS
-    images = _images(csv_path, n)
+    images, _ = _lines(csv_path, n)
     read_images(model, processor, images[:2], bf16=fast)  # warm-up
     start = time.perf_counter()
     read_images(model, processor, images, 16, bf16=fast)
@@ -242,9 +244,7 @@ def read_real_lines(model_dir: Path, csv_path: Path, n: int, fast: bool) -> tupl
 
     model, processor = load_pretrained(str(model_dir))
     model.eval()
-    images = _images(csv_path, n)
-    with csv_path.open(encoding="utf-8") as f:
-        texts = [r["text"] for r in csv.DictReader(f)][:n]
+    images, texts = _lines(csv_path, n)
     read_images(model, processor, images[:2], bf16=fast)  # warm-up
     start = time.perf_counter()
     got, _ = read_images(model, processor, images, 128, bf16=fast)
@@ -271,6 +271,19 @@ def data_loading(model_dir: Path, csv_path: Path, n: int) -> tuple[float, float]
             start = start or time.perf_counter()
             count += len(batch["text"])
     return count / (time.perf_counter() - start), peak_mb()
+
+
+def render_synthetic(n: int) -> tuple[float, float]:
+    """hwr.synth's lines (Faker text + rendering) in one process, after a warm-up that opens
+    the fonts and draws the common glyphs once, as a long pre-training run has."""
+    from hwr.synth import synthetic_lines
+
+    for _ in synthetic_lines(300, seed=1):
+        pass
+    start = time.perf_counter()
+    for _ in synthetic_lines(n, seed=2):
+        pass
+    return n / (time.perf_counter() - start), peak_mb()
 
 
 def _child(fn, args, queue) -> None:
@@ -362,6 +375,8 @@ def main() -> None:
                 print(rows[-1], file=sys.stderr, flush=True)
         speed, mem = run_row(data_loading, models["trocr-base"], csv_path, 64)
         rows.append(("any", "data", "decode+augment+process, 2 workers", speed, mem, None))
+        speed, mem = run_row(render_synthetic, 500 if args.quick else 2000)
+        rows.append(("any", "synth", "render lines, 1 process", speed, mem, None))
 
     def find(arch, task, prefix):
         return next(r[3] for r in rows if r[0] == arch and r[1] == task and r[2].startswith(prefix))
@@ -381,7 +396,9 @@ def main() -> None:
         "trocr-base", f"train b={batches[0]}", "(a)"
     )
     infer_ratio = find("trocr-base", "infer", "(c)") / find("trocr-base", "infer", "(a)")
-    data_ratio = rows[-1][3] / max(find("trocr-base", f"train b={batches[0]}", "(c)"), 1e-9)
+    data_ratio = find("any", "data", "decode") / max(
+        find("trocr-base", f"train b={batches[0]}", "(c)"), 1e-9
+    )
     table += [
         "",
         f"data loading feeds {data_ratio:.0f}x what TrOCR-base training (c) consumes",

@@ -41,7 +41,7 @@ def build_embedded(seed: int = 0) -> tuple[VisionEncoderDecoderModel, TrOCRProce
     return trocr_layout(char_tokenizer(), ENCODER, DECODER, IMAGE_SIZE, seed=seed)
 
 
-def embedded_path(out_dir: Path | None = None) -> Path:
+def embedded_path() -> Path:
     """The shipped weights' folder (a `save_pretrained` folder, loaded like any other)."""
     if not (WEIGHTS / "config.json").is_file():
         raise FileNotFoundError(

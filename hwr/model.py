@@ -27,10 +27,6 @@ from hwr.tiny import build_tiny
 
 log = logging.getLogger(__name__)
 
-# Names that work wherever a hub id or folder does; each gives a `save_pretrained` folder:
-# the shipped embedded model's, or the tiny model's, built on demand in a temp folder.
-BUILTIN: dict[str, Callable[[Path], Path]] = {"embedded": embedded_path, "tiny": build_tiny}
-
 
 class ModelUnavailableError(OSError):
     """The model is neither a local folder nor reachable on (or cached from) the hub."""
@@ -39,11 +35,15 @@ class ModelUnavailableError(OSError):
 def load_pretrained(
     name_or_path: str, max_new_tokens: int = 128
 ) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
-    """Load model + processor from a hub id, a `save_pretrained` folder or a built-in name."""
+    """Load model + processor from a hub id, a `save_pretrained` folder or a built-in name:
+    `embedded` (the model shipped in hwr/weights) or `tiny` (untrained, built into a temp
+    folder); both load from their folder like any other checkpoint."""
     name_or_path = str(name_or_path)
-    if name_or_path in BUILTIN:
-        with tempfile.TemporaryDirectory(prefix=f"hwr-{name_or_path}-") as tmp:
-            return load_pretrained(str(BUILTIN[name_or_path](Path(tmp))), max_new_tokens)
+    if name_or_path == "embedded":
+        name_or_path = str(embedded_path())
+    elif name_or_path == "tiny":
+        with tempfile.TemporaryDirectory(prefix="hwr-tiny-") as tmp:
+            return load_pretrained(str(build_tiny(Path(tmp))), max_new_tokens)
     local = Path(name_or_path).expanduser()
     if local.exists() and not (local / "config.json").is_file():
         raise ModelUnavailableError(

@@ -12,7 +12,8 @@ the saved model is a plain VisionEncoderDecoder, loaded like any TrOCR checkpoin
 Real lines are split by writer (hash of the name): ~80% train, ~10% val (CER printed
 while training), ~10% test (`--measure` only). Every --eval-every steps it writes
 out/last.pt; rerunning the same command resumes from there. `--init` starts a new run
-from a saved model (e.g. `--init embedded` refines the shipped one).
+from a saved model (e.g. `--init embedded` refines the shipped one); `--blend` then saves
+a mix of the two (rerun a finished run with another --blend to save another mix).
 """
 
 from __future__ import annotations
@@ -111,15 +112,18 @@ class LineStream(IterableDataset):
 class Progress:
     """Share of the run done: steps or minutes, whichever is further along (picklable, so
     dataloader workers follow the same curriculum by the clock). A resumed run starts
-    from the share its checkpoint had reached."""
+    from the step and the share of its minutes its checkpoint had reached, so rerunning
+    with more --steps or --minutes goes on."""
 
     def __init__(self, steps: int, minutes: float, step: int = 0, done: float = 0.0) -> None:
         self.steps, self.seconds, self.step, self.done = steps, minutes * 60, step, done
         self.t0 = time.time()
 
+    def by_time(self) -> float:
+        return self.done + (time.time() - self.t0) / self.seconds
+
     def __call__(self) -> float:
-        by_time = self.done + (time.time() - self.t0) / self.seconds
-        return min(1.0, max(self.step / self.steps, by_time))
+        return min(1.0, max(self.step / self.steps, self.by_time()))
 
 
 def ctc_loss(
@@ -198,9 +202,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-lines", type=int, default=200, help="rendered held-out-font lines")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--blend",
+        type=float,
+        default=1.0,
+        help="save (1-B) x --init's weights + B x the trained ones (B < 1 keeps some of --init)",
+    )
     ap.add_argument("--chunks", type=Path, help="also save the final model here in <15 MB files")
     ap.add_argument("--measure", action="store_true", help="only score --init on held-out sets")
     args = ap.parse_args(argv)
+    if args.blend != 1.0 and not args.init:
+        ap.error("--blend mixes the trained weights with --init's: give --init")
 
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -209,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         model, processor = build_embedded(args.seed)
         wire_token_ids(model, processor, max_new_tokens=100)
+    initial = {k: v.clone() for k, v in model.state_dict().items()} if args.blend != 1.0 else {}
     tok = processor.tokenizer
     head = nn.Linear(model.config.encoder.hidden_size, len(tok))
     model.to(device).train()
@@ -255,6 +268,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     with open(args.out / "log.jsonl", "a") as log:
         step = train_loop(args, model, head, processor, opt, loader, evals, progress, log, ckpt)
     model.cpu()
+    if args.blend != 1.0:
+        # Weight interpolation (robust fine-tuning, "WiSE-FT"): on unseen writers it read
+        # better than either end (model card).
+        trained = model.state_dict()
+        model.load_state_dict(
+            {
+                k: torch.lerp(initial[k], v, args.blend) if v.is_floating_point() else v
+                for k, v in trained.items()
+            }
+        )
     export(model, processor, args.out / "model")
     if args.chunks:  # the same model in small files, to carry it off a machine with size limits
         model.save_pretrained(args.chunks, max_shard_size="15MB")
@@ -282,6 +305,8 @@ def train_loop(
         warm = min(1.0, (step + 1) / args.warmup)
         return args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
+    if progress() >= 1.0:  # a finished run, rerun: nothing left to train, only to save
+        return step
     seen, t_log = 0, time.time()
     for batch in loader:
         p = progress()
@@ -326,7 +351,7 @@ def train_loop(
                 "head": head.state_dict(),
                 "opt": opt.state_dict(),
                 "step": step,
-                "progress": progress(),
+                "progress": progress.by_time(),
             }
             atomic_write(ckpt, partial(torch.save, state))
         if done:

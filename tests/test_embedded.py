@@ -90,6 +90,23 @@ def test_pretraining_resumes_and_saves_a_loadable_model(tmp_path: Path, lines_di
     assert model.config.encoder.patch_size == [40, 5] and len(processor.tokenizer) == 144
 
 
+def test_blend_saves_a_mix_of_the_init_and_the_trained_weights(tmp_path: Path):
+    args = ["--batch-size", "2", "--workers", "0", "--eval-lines", "2", "--eval-every", "2"]
+    pretrain([*args, "--out", str(tmp_path / "a"), "--steps", "1"])
+    init = tmp_path / "a" / "model"
+    tuned = [*args, "--out", str(tmp_path / "b"), "--init", str(init), "--steps", "2"]
+    pretrain(tuned)
+
+    def weights(folder: Path) -> torch.Tensor:
+        return load_pretrained(str(folder))[0].decoder.output_projection.weight
+
+    start, end = weights(init), weights(tmp_path / "b" / "model")
+    assert not torch.equal(start, end)
+    pretrain([*tuned, "--blend", "0.25"])  # the run is finished: only saved again, mixed
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 2
+    torch.testing.assert_close(weights(tmp_path / "b" / "model"), start + 0.25 * (end - start))
+
+
 def test_synth_cli_writes_the_same_lines_with_any_number_of_workers(tmp_path: Path):
     from hwr.synth import main as synth
 

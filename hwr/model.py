@@ -158,9 +158,13 @@ def export(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_dir:
     """Save model + processor so `from_pretrained` loads them; atomic, never half-written."""
     out_dir = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp's private mode would follow the model wherever it is copied
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    # mkdtemp's folder and the weights file transformers writes are private (0700, 0600):
+    # that mode would follow the model wherever it is copied, unreadable to anyone else.
+    tmp.chmod(0o755)
+    for f in tmp.iterdir():
+        f.chmod(0o644)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

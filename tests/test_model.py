@@ -60,7 +60,7 @@ def test_tiny_model_overfits_eight_lines(tmp_path: Path):
     )
     dm = LineDataModule(str(csv_path), processor=module.processor, eval_split="train", batch_size=8)
     trainer = L.Trainer(
-        max_steps=600,
+        max_steps=800,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -89,6 +89,7 @@ def test_export_round_trip_reads_the_same(trocr_miniature: Path, tmp_path: Path)
             p.add_(torch.randn_like(p) * 0.5)
     out = export(module.model, module.processor, tmp_path / "model")
     assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
+    assert {f.stat().st_mode & 0o777 for f in out.iterdir()} == {0o644}  # readable to all
 
     images = [
         Image.open(SAMPLE_CSV.parent / f"images/line_{i:05d}.png").convert("RGB") for i in (0, 1)

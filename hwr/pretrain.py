@@ -97,9 +97,9 @@ class LineStream(IterableDataset):
         wid = info.id if info else 0
         rng = random.Random(self.seed * 1000 + wid)
         texts = TextSource(self.sentences, seed=self.seed * 1000 + wid)
+        start, end = self.real_share
         while True:
             p = self.progress()
-            start, end = self.real_share
             if self.real and rng.random() < start + (end - start) * p:
                 yield self.real[rng.randrange(len(self.real))]
                 continue

@@ -4,7 +4,6 @@
         models.base=microsoft/trocr-base-handwritten models.tuned=outputs/train/.../model
 """
 
-import logging
 import re
 import sys
 
@@ -14,12 +13,11 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from hwr.evaluation import evaluate  # after Hydra, so --help and config errors come fast
+    # Imported after Hydra, so --help and config errors come fast.
+    from hwr.errors import hydra_task
+    from hwr.evaluation import evaluate
 
-    # Lightning prints through a handler of its own; Hydra's root handlers already do.
-    logging.getLogger("lightning").handlers.clear()
-
-    evaluate(cfg)
+    hydra_task(evaluate)(cfg)
 
 
 if __name__ == "__main__":

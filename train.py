@@ -6,20 +6,17 @@ python train.py -m optim.lr=1e-5,3e-5 data.batch_size=2,4   # a sweep
 python train.py experiment=quickstart            # offline, on the shipped sample
 """
 
-import logging
-
 import hydra
 from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from hwr.training import train  # after Hydra, so --help and config errors come fast
+    # Imported after Hydra, so --help and config errors come fast.
+    from hwr.errors import hydra_task
+    from hwr.training import train
 
-    # Lightning prints through a handler of its own; Hydra's root handlers already do.
-    logging.getLogger("lightning").handlers.clear()
-
-    return train(cfg)
+    return hydra_task(train)(cfg)
 
 
 if __name__ == "__main__":

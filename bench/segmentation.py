@@ -12,8 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image
-
+from hwr.images import open_rgb
 from hwr.segment import Box, ProjectionSegmenter, count_matches, page_boxes
 from hwr.xml_import import read_page
 
@@ -26,8 +25,7 @@ def main() -> None:
     for xml in sorted(root.glob("**/*.xml")):
         page = read_page(xml)
         truth = [Box.around(ln.polygon) for ln in page.lines if len(ln.polygon) >= 3]
-        with Image.open(page.image) as img:
-            image = img.convert("RGB")
+        image = open_rgb(page.image)
         found = [page_boxes(b, image.size) for b in segmenter.segment(image)]
         n = count_matches(found, truth)
         rows.append((xml.parent.name + "/" + xml.stem, len(truth), len(found), n))

@@ -199,11 +199,11 @@ def train_hwr(
 
 def _lines(csv_path: Path, n: int) -> tuple[list, list[str]]:
     """The first n lines' images and texts."""
-    from PIL import Image
+    from hwr.images import open_rgb
 
     with csv_path.open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))[:n]
-    return [Image.open(r["file_name"]).convert("RGB") for r in rows], [r["text"] for r in rows]
+    return [open_rgb(r["file_name"]) for r in rows], [r["text"] for r in rows]
 
 
 def infer_line_by_line(model_dir: Path, csv_path: Path, n: int) -> tuple[float, float]:

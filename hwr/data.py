@@ -23,6 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from hwr.errors import UserError
+from hwr.images import line_problem, open_rgb
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -50,7 +53,7 @@ class BadRow:
         return f"  line {self.row}: {self.file_name or '(no file name)'}: {self.reason}"
 
 
-class BadRowsError(ValueError):
+class BadRowsError(UserError):
     """The CSV has rows that cannot be trained on; the message lists every one."""
 
     def __init__(self, csv_path: Path, bad: Sequence[BadRow], limit: int = 50) -> None:
@@ -60,17 +63,49 @@ class BadRowsError(ValueError):
         super().__init__(
             f"{csv_path}: {len(self.bad)} bad row(s):\n{shown}{more}\n"
             "Fix these rows, or skip them with data.skip_bad_rows=true."
+            + (
+                "\nText the model cannot write is kept as it is (what it lacks becomes <unk>, "
+                "long lines are cut) with data.allow_unwritable=true."
+                if any(b.reason.startswith(UNWRITABLE) for b in self.bad)
+                else ""
+            )
         )
 
 
+UNWRITABLE = "the model cannot write"
+
+
 def _check_image(path: Path) -> str | None:
-    """Decode the whole image: a truncated file only fails when its pixels are read."""
+    """Decode the whole image (a truncated file only fails when its pixels are read) as the
+    model will see it, and check that it can be a line."""
     try:
-        with Image.open(path) as img:
-            img.load()
+        image = open_rgb(path)
     except Exception as e:  # PIL raises many types for broken files
         return f"unreadable image ({type(e).__name__}: {e})"
-    return None
+    return line_problem(image)
+
+
+def text_checker(tokenizer, max_tokens: int) -> Callable[[str], str | None]:
+    """A row check for text the tokenizer cannot write: characters it lacks (they would be
+    trained as <unk>) or more tokens than the model writes (the label would be cut)."""
+    lacks: dict[str, bool] = {}
+
+    def check(text: str) -> str | None:
+        for ch in set(text) - lacks.keys():
+            ids = tokenizer(ch, add_special_tokens=False).input_ids
+            lacks[ch] = tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids
+        missing = list(dict.fromkeys(ch for ch in text if lacks[ch]))  # as they come
+        if missing:
+            return f"{UNWRITABLE} the character(s) {' '.join(missing)} (not in its tokenizer)"
+        n = len(tokenizer(text).input_ids)
+        if n > max_tokens:
+            return (
+                f"{UNWRITABLE} a line this long: {n} tokens, it writes at most {max_tokens} "
+                "(model.max_new_tokens); split the line"
+            )
+        return None
+
+    return check
 
 
 def read_lines(
@@ -80,15 +115,19 @@ def read_lines(
     split_column: str = "split",
     group_by: str | None = None,
     skip_bad_rows: bool = False,
+    check_text: Callable[[str], str | None] | None = None,
+    allow_unwritable: bool = False,
 ) -> list[Line]:
     """Read and check every row of a line CSV.
 
     Paths are relative to the CSV's folder (or absolute); a relative path may not leave
-    that folder. Raises BadRowsError naming every bad row unless skip_bad_rows is set.
+    that folder. `check_text` (see `text_checker`) names text the model cannot write: bad
+    rows, or with allow_unwritable a warning. Raises BadRowsError naming every bad row
+    unless skip_bad_rows is set.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise FileNotFoundError(f"Line CSV not found: {csv_path} (set data.csv=path/to/lines.csv)")
+        raise UserError(f"Line CSV not found: {csv_path} (set data.csv=path/to/lines.csv)")
     root = csv_path.parent.resolve()
     # Decode leniently so that one badly encoded row is reported, not the whole file.
     text = csv_path.read_bytes().decode("utf-8-sig", errors="replace")
@@ -96,18 +135,19 @@ def read_lines(
     columns = reader.fieldnames or []
     for setting, name in (("data.image_column", image_column), ("data.text_column", text_column)):
         if name not in columns:
-            raise ValueError(
+            raise UserError(
                 f"{csv_path}: no column '{name}' (columns: {', '.join(columns) or 'none'}). "
                 f"Name the right one with {setting}=..."
             )
     if group_by and group_by not in columns:
-        raise ValueError(
+        raise UserError(
             f"{csv_path}: data.group_by={group_by} but there is no such column "
             f"(columns: {', '.join(columns)})."
         )
 
     lines: list[Line] = []
     bad: list[BadRow] = []
+    allowed: list[BadRow] = []
     seen: dict[Path, int] = {}
     start = 2  # the header is line 1
     total = max(text.count("\n") - 1, 0)
@@ -135,8 +175,10 @@ def read_lines(
         elif not path.is_file():
             reason = f"file not found ({path})"
         else:
-            reason = _check_image(path)
-        if reason:
+            reason = _check_image(path) or (check_text and check_text(label))
+        if reason and allow_unwritable and reason.startswith(UNWRITABLE):
+            allowed.append(BadRow(row, file_name, reason))
+        elif reason:
             bad.append(BadRow(row, file_name, reason))
             continue
         seen[path] = row
@@ -152,9 +194,21 @@ def read_lines(
             len(bad),
             "; ".join(f"{n} x {r}" for r, n in reasons.most_common()),
         )
+    if allowed:
+        log.warning(
+            "%s: %d line(s) kept with text the model cannot write (data.allow_unwritable):\n%s",
+            csv_path,
+            len(allowed),
+            "\n".join(str(b) for b in allowed[:20]) + ("\n  ..." if len(allowed) > 20 else ""),
+        )
     if not lines:
-        raise ValueError(f"{csv_path}: no usable rows.")
+        raise UserError(f"{csv_path}: no usable rows.")
     return lines
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"data.val_fraction={val_fraction}: must be between 0 and 1 (e.g. 0.5)")
 
 
 def split_lines(lines: Sequence[Line], val_fraction: float, seed: int) -> dict[str, list[Line]]:
@@ -163,8 +217,7 @@ def split_lines(lines: Sequence[Line], val_fraction: float, seed: int) -> dict[s
     Lines that share a group (e.g. a page) go to the same side, so the validation score
     measures pages the model has not seen. Lines without a group are their own group.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+    check_val_fraction(val_fraction)
     out: dict[str, list[Line]] = {s: [] for s in SPLITS}
     free: dict[str, list[Line]] = {}
     for line in lines:
@@ -180,10 +233,14 @@ def split_lines(lines: Sequence[Line], val_fraction: float, seed: int) -> dict[s
         out[side].extend(free[key])
     if lines and (not out["train"] or not out["val"]):
         empty = "train" if not out["train"] else "val"
-        raise ValueError(
-            f"The {empty} split is empty ({len(lines)} lines, {len(free)} groups, "
-            f"val_fraction={val_fraction}). Add lines, change data.val_fraction, "
-            "or give a 'split' column."
+        fixes = "add lines, or give a 'split' column with train and val rows"
+        if len(free) >= 2:
+            fixes = "change data.val_fraction, " + fixes
+        elif free:
+            fixes = f"the {len(free)} group left to split cannot go to both sides: " + fixes
+        raise UserError(
+            f"The {empty} split is empty ({len(lines)} lines, {len(free)} groups to split, "
+            f"val_fraction={val_fraction}): {fixes}."
         )
     return out
 
@@ -214,8 +271,7 @@ class LineDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         line = self.lines[i]
-        with Image.open(line.image) as img:
-            image = img.convert("RGB")
+        image = open_rgb(line.image)
         if self.transform is not None:
             image = self.transform(image)
         return encode_line(self.processor, image, line.text, i, self.max_target_length)
@@ -267,15 +323,26 @@ class LineDataModule(L.LightningDataModule):
         split_seed: int = 0,
         eval_split: str = "val",
         skip_bad_rows: bool = False,
+        allow_unwritable: bool = False,
         batch_size: int = 2,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        max_target_length: int = 256,
+        max_target_length: int = 128,
         augment: Mapping | None = None,
     ) -> None:
         super().__init__()
+        # Checked here, before any model loads: a bad setting should not cost a minute.
         if eval_split not in (*SPLITS, "all"):
-            raise ValueError(f"data.eval_split must be one of train, val, test, all: {eval_split}")
+            raise UserError(f"data.eval_split={eval_split}: use one of train, val, test, all")
+        for name, value, least in (
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size or 1, 1),
+            ("num_workers", num_workers, 0),
+            ("max_target_length", max_target_length, 2),
+        ):
+            if not isinstance(value, int) or value < least:
+                raise UserError(f"data.{name}={value}: must be a whole number >= {least}")
+        check_val_fraction(val_fraction)
         self.save_hyperparameters(ignore=["processor", "augment"])
         self.processor = processor
         self.augment = build_augment(augment)
@@ -285,6 +352,13 @@ class LineDataModule(L.LightningDataModule):
         if self.splits is not None:
             return
         hp = self.hparams
+        # Text is checked against the tokenizer of the model being trained; scoring compares
+        # strings, so evaluate.py (no processor at setup) reads any text.
+        check = (
+            text_checker(self.processor.tokenizer, hp.max_target_length)
+            if self.processor is not None
+            else None
+        )
         lines = read_lines(
             hp.csv,
             hp.image_column,
@@ -292,6 +366,8 @@ class LineDataModule(L.LightningDataModule):
             hp.split_column,
             hp.group_by,
             hp.skip_bad_rows,
+            check,
+            hp.allow_unwritable,
         )
         self.splits = split_lines(lines, hp.val_fraction, hp.split_seed)
         self.splits["all"] = lines

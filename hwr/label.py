@@ -18,12 +18,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from PIL import Image
-
+from hwr.images import open_rgb
 from hwr.report import write_text
 
 PAGE = Path(__file__).with_name("label.html")
-MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 
 class LabelStore:
@@ -59,10 +57,7 @@ class LabelStore:
         model, processor = load_pretrained(model_name)
         model.eval()
         todo = [i for i in range(len(self.rows)) if i not in self.done and self.image_path(i)]
-        images = []
-        for i in todo:
-            with Image.open(self.image_path(i)) as img:
-                images.append(img.convert("RGB"))
+        images = [open_rgb(self.image_path(i)) for i in todo]
         texts, confidences = read_images(model, processor, images, batch_size)
         self.predictions = dict(zip(todo, zip(texts, confidences, strict=True), strict=True))
 
@@ -135,9 +130,10 @@ def make_handler(store: LabelStore) -> type[BaseHTTPRequestHandler]:
                 path = store.image_path(int(self.path[7:]))
                 if path is None:
                     self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
-                else:
-                    mime = MIME.get(path.suffix.lower(), "application/octet-stream")
-                    self._send(HTTPStatus.OK, path.read_bytes(), mime)
+                else:  # as the model sees it, in a format every browser shows (TIFF too)
+                    png = io.BytesIO()
+                    open_rgb(path).save(png, "PNG")
+                    self._send(HTTPStatus.OK, png.getvalue(), "image/png")
             else:
                 self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import huggingface_hub
 import lightning as L
 import numpy as np
 import torch
@@ -22,14 +25,39 @@ from transformers import (
 )
 
 from hwr.embedded import embedded_path
+from hwr.errors import UserError
+from hwr.images import open_rgb
 from hwr.metrics import TextMetrics
+from hwr.report import umask, write_json
 from hwr.tiny import build_tiny
 
 log = logging.getLogger(__name__)
 
 
-class ModelUnavailableError(OSError):
-    """The model is neither a local folder nor reachable on (or cached from) the hub."""
+class ModelUnavailableError(UserError, OSError):
+    """The model is neither a local folder nor reachable on (or cached from) the hub.
+
+    `setting` is where the user named it (evaluate.py sets `models.NAME`), so the offline
+    options are written the way that script takes them.
+    """
+
+    def __init__(self, name_or_path: str, reason: str, setting: str = "model.name_or_path"):
+        super().__init__(name_or_path, reason)
+        self.name_or_path, self.reason, self.setting = name_or_path, reason, setting
+
+    def __str__(self) -> str:
+        message = f"{self.setting}={self.name_or_path}: {self.reason}"
+        if Path(self.name_or_path).expanduser().exists():
+            return message
+        s = self.setting
+        return (
+            f"{message}\nOffline options:\n"
+            f"  {s}=embedded     the small pre-trained model shipped with hwr\n"
+            f"  {s}=tiny         the built-in tiny model (untrained; for trying the pipeline)\n"
+            f"  {s}=/a/folder    a model saved with save_pretrained, e.g. a copy of\n"
+            "      microsoft/trocr-base-handwritten downloaded on a connected machine\n"
+            "  HF_HOME=/path/to/cache HF_HUB_OFFLINE=1    if the hub cache was copied over"
+        )
 
 
 def load_pretrained(
@@ -47,27 +75,40 @@ def load_pretrained(
     local = Path(name_or_path).expanduser()
     if local.exists() and not (local / "config.json").is_file():
         raise ModelUnavailableError(
-            f"{local} is not a saved model: it has no config.json. Point model.name_or_path "
-            "at a folder written by save_pretrained (e.g. the model/ folder of a train.py run)."
+            name_or_path,
+            "not a saved model: it has no config.json. Point at a folder written by "
+            "save_pretrained (e.g. the model/ folder of a train.py run).",
         )
+    # Out of reach, the hub client retries every file for minutes: look in the cache only.
+    cache_only = not local.exists() and not hub_reachable()
     try:
-        processor = TrOCRProcessor.from_pretrained(name_or_path)
-        model = VisionEncoderDecoderModel.from_pretrained(name_or_path)
+        processor = TrOCRProcessor.from_pretrained(name_or_path, local_files_only=cache_only)
+        model = VisionEncoderDecoderModel.from_pretrained(name_or_path, local_files_only=cache_only)
     except OSError as e:
         if local.exists():
             raise
-        raise ModelUnavailableError(
-            f"Could not load model '{name_or_path}': it is not a local folder, and the "
-            f"Hugging Face hub is out of reach or does not have it ({e}).\n"
-            "Offline options:\n"
-            "  - model=embedded: the small pre-trained model shipped with hwr (offline)\n"
-            "  - model=tiny: the built-in tiny model (untrained; for trying the pipeline)\n"
-            "  - model.name_or_path=/path/to/folder: a model saved with save_pretrained, e.g.\n"
-            "    a copy of microsoft/trocr-base-handwritten downloaded on a connected machine\n"
-            "  - HF_HOME=/path/to/cache with HF_HUB_OFFLINE=1, if the hub cache was copied over"
-        ) from e
+        reason = (
+            "could not load it: not a local folder, not in the Hugging Face cache, and the hub "
+            "is out of reach."
+            if cache_only
+            else f"could not load it: not a local folder, and the hub has no such model "
+            f"({str(e).splitlines()[0]})."
+        )
+        raise ModelUnavailableError(name_or_path, reason) from e
     wire_token_ids(model, processor, max_new_tokens)
     return model, processor
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (HF_HUB_OFFLINE=1 says it does not)."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    url = urlsplit(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def wire_token_ids(
@@ -154,17 +195,32 @@ def read_images(
     return texts, confidences
 
 
-def export(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_dir: Path) -> Path:
-    """Save model + processor so `from_pretrained` loads them; atomic, never half-written."""
+TRAINED_ON = "trained_on.json"
+
+
+def export(
+    model: VisionEncoderDecoderModel,
+    processor: TrOCRProcessor,
+    out_dir: Path,
+    trained_on: dict | None = None,
+) -> Path:
+    """Save model + processor so `from_pretrained` loads them; atomic, never half-written.
+
+    `trained_on` (the CSV and the training images) is kept beside them as trained_on.json,
+    so evaluate.py can tell a model's training lines from lines it never saw.
+    """
     out_dir = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    if trained_on is not None:
+        write_json(tmp / TRAINED_ON, trained_on)
     # mkdtemp's folder and the weights file transformers writes are private (0700, 0600):
     # that mode would follow the model wherever it is copied, unreadable to anyone else.
-    tmp.chmod(0o755)
+    mask = umask()
+    tmp.chmod(0o777 & ~mask)
     for f in tmp.iterdir():
-        f.chmod(0o644)
+        f.chmod(0o666 & ~mask)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -190,6 +246,15 @@ class TrOCRModule(L.LightningModule):
         compile_encoder: bool = False,
     ) -> None:
         super().__init__()
+        # Checked before the model loads: a bad setting should not cost a minute.
+        for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"model.{name}={value}: must be a whole number >= 1")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise UserError(f"model.warmup_ratio={warmup_ratio}: must be in [0, 1)")
+        lr = getattr(optimizer, "keywords", {}).get("lr")
+        if lr is not None and not lr > 0:
+            raise UserError(f"optim.lr={lr}: must be above 0 (e.g. 1e-5)")
         self.save_hyperparameters(ignore=["optimizer"])
         self.model, self.processor = load_pretrained(name_or_path, max_new_tokens)
         # from_pretrained returns eval mode, which Lightning keeps: dropout would stay off.
@@ -265,8 +330,7 @@ class TrOCRModule(L.LightningModule):
             pred = self.predictions.get(i, ("", 0.0))[0]
             rows.append(f"| {line.file_name} | {line.text} | {pred} |")
             if step == 0:
-                with Image.open(line.image) as img:
-                    pixels = np.asarray(img.convert("L"))
+                pixels = np.asarray(open_rgb(line.image).convert("L"))
                 writer.add_image(f"examples/{i}", pixels, step, dataformats="HW")
         writer.add_text("examples", "\n".join(rows), step)
 

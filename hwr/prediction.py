@@ -4,7 +4,9 @@
     python -m hwr predict model.name_or_path=... inputs=...
 
 Writes predictions.csv and predictions.json (every line: text and confidence), and for
-each page <page>.txt, its text in reading order, into the run folder.
+each page <page>.txt, its text in reading order, into the run folder. An input that gives
+nothing to read (unreadable, too small, a page where no line was found) is listed in
+skipped.csv and in the log; the others are read all the same.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
+from hwr.errors import UserError, hydra_task
+from hwr.images import PAGE_MIN_HEIGHT, is_page, open_rgb, too_small
 from hwr.model import load_pretrained, read_images
 from hwr.report import write_json, write_text
 from hwr.segment import Segmenter, crop_lines, page_boxes
@@ -49,27 +53,30 @@ def find_images(inputs: str | Path) -> list[Path]:
         found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if found:
             return found
-        raise FileNotFoundError(f"inputs={path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
-    raise FileNotFoundError(f"inputs={path}: no such file or folder")
-
-
-def is_page(image: Image.Image) -> bool:
-    """Line images are wide and short; anything taller than half its width is a page."""
-    return image.height > 0.5 * image.width
+        raise UserError(f"inputs={path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
+    raise UserError(f"inputs={path}: no such file or folder")
 
 
 def cut_lines(
     paths: list[Path], segmenter: Segmenter, mode: str
-) -> tuple[list[Reading], list[Image.Image]]:
-    """Every line to read: line images as they are, pages cut into lines first."""
-    if mode not in ("auto", "pages", "lines"):
-        raise ValueError(f"segment={mode}: use auto, pages or lines")
-    readings, images = [], []
+) -> tuple[list[Reading], list[Image.Image], dict[str, str]]:
+    """Every line to read: line images as they are, pages cut into lines first.
+
+    Also returns the inputs that gave nothing to read, each with the reason.
+    """
+    readings, images, skipped = [], [], {}
     for path in tqdm(paths, desc="loading", unit="image"):
-        with Image.open(path) as img:
-            image = img.convert("RGB")
-        if mode == "pages" or (mode == "auto" and is_page(image)):
+        try:
+            image = open_rgb(path)
+        except Exception as e:  # PIL raises many types for broken files
+            skipped[str(path)] = f"unreadable image ({type(e).__name__}: {e})"
+            continue
+        if reason := too_small(image):
+            skipped[str(path)] = reason
+        elif mode == "pages" or (mode == "auto" and is_page(image)):
             boxes = segmenter.segment(image)
+            if not boxes:
+                skipped[str(path)] = "read as a page, and no line was found on it"
             for i, box in enumerate(boxes):
                 b = page_boxes(box, image.size)
                 readings.append(Reading(str(path), i, (b.left, b.top, b.right, b.bottom)))
@@ -77,19 +84,41 @@ def cut_lines(
         else:
             readings.append(Reading(str(path), 0, None))
             images.append(image)
-    return readings, images
+    return readings, images, skipped
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Before the model loads: a bad setting should not cost a minute."""
+    if OmegaConf.is_missing(cfg, "inputs"):
+        raise UserError("inputs is missing: name an image or a folder of them, inputs=path")
+    choices = {"segment": ("auto", "pages", "lines"), "precision": ("fp32", "bf16")}
+    for name, allowed in choices.items():
+        if cfg[name] not in allowed:
+            raise UserError(f"{name}={cfg[name]}: use one of {', '.join(allowed)}")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise UserError(f"batch_size={cfg.batch_size}: must be a whole number >= 1")
 
 
 def predict(cfg: DictConfig) -> list[Reading]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    check_settings(cfg)
+    paths = find_images(cfg.inputs)
     model, processor = load_pretrained(cfg.model.name_or_path, cfg.model.max_new_tokens)
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision={cfg.precision}: use fp32 or bf16")
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     model.eval().to(torch.device(auto if cfg.device == "auto" else cfg.device))
     if cfg.model.compile_encoder:
         model.encoder.compile()  # as in training: the encoder only, in place
-    readings, images = cut_lines(find_images(cfg.inputs), instantiate(cfg.segmenter), cfg.segment)
+    if cfg.segment == "auto":
+        log.info(
+            "segment=auto: an image taller than half its width and %d px high or more is a "
+            "page, cut into lines; any other is a line (segment=pages or lines to choose)",
+            PAGE_MIN_HEIGHT,
+        )
+    readings, images, skipped = cut_lines(paths, instantiate(cfg.segmenter), cfg.segment)
+    if skipped:
+        write_skipped(run_dir, skipped)
+    if not images:
+        raise UserError(f"Nothing to read in inputs={cfg.inputs}: see {run_dir / 'skipped.csv'}")
     texts, confidences = read_images(
         model,
         processor,
@@ -103,6 +132,19 @@ def predict(cfg: DictConfig) -> list[Reading]:
         reading.text, reading.confidence = text, round(conf, 4)
     write_outputs(run_dir, readings)
     return readings
+
+
+def write_skipped(run_dir: Path, skipped: dict[str, str]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["source", "reason"])
+    writer.writerows(skipped.items())
+    write_text(run_dir / "skipped.csv", buf.getvalue())
+    log.warning(
+        "%d input(s) gave nothing to read (listed in skipped.csv):\n%s",
+        len(skipped),
+        "\n".join(f"  {source}: {reason}" for source, reason in skipped.items()),
+    )
 
 
 def write_outputs(run_dir: Path, readings: list[Reading]) -> None:
@@ -130,5 +172,4 @@ def write_outputs(run_dir: Path, readings: list[Reading]) -> None:
     config_name="predict",
 )
 def main(cfg: DictConfig) -> None:
-    logging.getLogger("lightning").handlers.clear()
-    predict(cfg)
+    hydra_task(predict)(cfg)

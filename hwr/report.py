@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
-from PIL import Image
 
+from hwr.images import open_rgb
 from hwr.metrics import METRICS
 
 if TYPE_CHECKING:
@@ -27,11 +27,22 @@ if TYPE_CHECKING:
 Results = Mapping[str, Mapping]
 
 
+def umask() -> int:
+    """The process's umask (os.umask only reads it by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    """Call write(tmp) on a temp file beside `path`, then rename it over `path`."""
+    """Call write(tmp) on a temp file beside `path`, then rename it over `path`.
+
+    The file gets the mode a plain open() would (the umask's), not mkstemp's private 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~umask())
     os.close(fd)
     try:
         write(Path(tmp))
@@ -105,8 +116,7 @@ def plot_examples(path: Path, lines: Sequence[Line], results: Results, n: int = 
     fig = Figure(figsize=(10, 1.9 * len(order)))
     axes = fig.subplots(len(order), 1, squeeze=False)
     for ax, i in zip(axes[:, 0], order, strict=True):
-        with Image.open(lines[i].image) as img:
-            ax.imshow(img.convert("L"), cmap="gray", vmin=0, vmax=255)
+        ax.imshow(open_rgb(lines[i].image).convert("L"), cmap="gray", vmin=0, vmax=255)
         ax.set_axis_off()
         caption = [f"reference: {lines[i].text}"]
         for name, result in results.items():

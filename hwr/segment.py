@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 from tqdm.auto import tqdm
 
+from hwr.images import open_rgb
 from hwr.report import write_text
 
 
@@ -274,8 +275,7 @@ def segment_pages(pages: Sequence[Path], out_dir: Path, segmenter: Segmenter | N
     writer.writerow(["file_name", "text", "page"])
     total = 0
     for page in tqdm(pages, desc="segmenting", unit="page"):
-        with Image.open(page) as img:
-            image = img.convert("RGB")
+        image = open_rgb(page)
         for i, line in enumerate(crop_lines(image, segmenter.segment(image))):
             name = f"images/{Path(page).stem}_{i:03d}.png"
             line.save(out_dir / name)

@@ -17,6 +17,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from hwr.errors import find_user_error
 from hwr.metrics import METRICS
 from hwr.report import write_text
 
@@ -75,6 +76,8 @@ class SweepSummary(Callback):
         job_dir = Path(config.hydra.runtime.output_dir)
         if job_return.status == JobStatus.FAILED:
             error = job_return._return_value
-            text = "".join(traceback.format_exception(error))
+            # The traceback, then the message a user acts on (Hydra's instantiate wraps it).
+            reason = str(find_user_error(error) or error).strip().splitlines() or ["(no message)"]
+            text = "".join(traceback.format_exception(error)) + "\n" + reason[0] + "\n"
             write_text(job_dir / "error.txt", text)
         write_summary(Path(config.hydra.sweep.dir))

@@ -6,37 +6,65 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
 
+from hwr.errors import UserError
 from hwr.model import TrOCRModule, export
 from hwr.report import write_json, write_report
 
 log = logging.getLogger(__name__)
 
 
+class ExceptionCheckpoint(L.Callback):
+    """Save checkpoints/on_exception.ckpt when training stops on an error or Ctrl-C.
+
+    Lightning's OnExceptionCheckpoint also saved runs that had not trained a step (every
+    failed run left 42 MB behind), and while one is attached `fit(ckpt_path=None)` resumes
+    from any checkpoint it finds, with a warning: this one does neither.
+    """
+
+    def __init__(self, dirpath: str | Path, filename: str = "on_exception") -> None:
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)
+
+
+def trained_steps(checkpoint: Path) -> int:
+    """How many optimizer steps a Lightning checkpoint holds (read without loading weights)."""
+    return torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get(
+        "global_step", 0
+    )
+
+
 def find_checkpoint(ckpt_path: str | None, run_dir: Path, outputs: Path) -> str | None:
     """Resolve `ckpt_path`: None, a file, or "last".
 
     "last" is the newest last.ckpt or on_exception.ckpt of this run, else of any run
-    under `outputs`.
+    under `outputs`, that has trained at least one step.
     """
     if not ckpt_path:
         return None
     if ckpt_path != "last":
         if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file.")
+            raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint file.")
         return str(ckpt_path)
     names = ("last.ckpt", "on_exception.ckpt")
     found = [run_dir / "checkpoints" / n for n in names if (run_dir / "checkpoints" / n).is_file()]
     found = found or [p for n in names for p in outputs.glob(f"**/checkpoints/{n}")]
-    if not found:
-        raise FileNotFoundError(
-            f"ckpt_path=last: no checkpoints/last.ckpt in {run_dir} or under {outputs}. "
-            "Give the checkpoint's path instead: ckpt_path=outputs/.../checkpoints/last.ckpt"
+    found = sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+    newest = next((p for p in found if trained_steps(p) > 0), None)
+    if newest is None:
+        raise UserError(
+            f"ckpt_path=last: no checkpoint of a run that trained in {run_dir} or under "
+            f"{outputs}. Give the checkpoint's path instead: "
+            "ckpt_path=outputs/.../checkpoints/last.ckpt"
         )
-    newest = max(found, key=lambda p: p.stat().st_mtime)
     log.info("Resuming from %s", newest)
     return str(newest)
 
@@ -46,13 +74,17 @@ def train(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
+    # Settings, then the model, then every row (its text against the model's tokenizer),
+    # all before a Trainer runs: a mistake costs seconds and leaves no checkpoint.
+    datamodule = instantiate(cfg.data)
+    ckpt = find_checkpoint(cfg.ckpt_path, run_dir, Path(cfg.paths.outputs))
     module: TrOCRModule = instantiate(cfg.model, optimizer=cfg.optim)
-    datamodule = instantiate(cfg.data, processor=module.processor)
+    datamodule.processor = module.processor
+    datamodule.setup()
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     logger = instantiate(cfg.logger) if cfg.logger else False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
 
-    ckpt = find_checkpoint(cfg.ckpt_path, run_dir, Path(cfg.paths.outputs))
     if ckpt is None:
         log.info("Scoring the base model %s", cfg.model.name_or_path)
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -74,7 +106,11 @@ def train(cfg: DictConfig) -> float:
     )
     if not trainer.is_global_zero:  # under DDP, one process writes the run's files
         return tuned["metrics"]["cer"]
-    export(module.model, module.processor, run_dir / "model")
+    trained_on = {
+        "csv": str(Path(cfg.data.csv).resolve()),
+        "train_images": [str(line.image) for line in datamodule.splits["train"]],
+    }
+    export(module.model, module.processor, run_dir / "model", trained_on)
 
     settings = {
         "model": str(cfg.model.name_or_path),

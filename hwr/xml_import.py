@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from hwr.images import open_rgb
 from hwr.report import write_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
@@ -150,8 +151,7 @@ def import_pages(xmls: Sequence[Path], out_dir: Path) -> Path:
     n_lines = 0
     for xml in tqdm(sorted(xmls), desc="importing pages", unit="page"):
         page = read_page(Path(xml))
-        with Image.open(page.image) as img:
-            image = img.convert("RGB")
+        image = open_rgb(page.image)
         paper = paper_colour(image)
         for i, line in enumerate(page.lines):
             if not line.text:

@@ -42,8 +42,11 @@ def test_unreachable_hub_model_names_the_offline_options():
     with pytest.raises(ModelUnavailableError) as err:
         load_pretrained("someone/not-a-cached-model")
     message = str(err.value)
-    assert "someone/not-a-cached-model" in message
-    assert "model=tiny" in message and "model.name_or_path=" in message
+    assert message.startswith("model.name_or_path=someone/not-a-cached-model: could not load")
+    assert "\n  model.name_or_path=embedded " in message  # real lines, not a repr's "\\n"
+    assert "model.name_or_path=tiny" in message
+    err.value.setting = "models.base"  # how evaluate.py names it
+    assert "\n  models.base=embedded " in str(err.value) and "model.name" not in str(err.value)
 
 
 def test_folder_that_is_not_a_model_is_named(tmp_path: Path):

@@ -16,11 +16,13 @@ from transformers import VisionEncoderDecoderModel
 
 from .conftest import REPO
 
+# Reading is cut short for speed; labels keep their length (else they are bad rows).
 FAST = [
     "trainer.max_epochs=2",
     "data.batch_size=4",
     "data.num_workers=0",
     "model.max_new_tokens=24",
+    "data.max_target_length=128",
 ]
 
 
@@ -48,8 +50,17 @@ def scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
 def trained_run(trocr_miniature: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One train.py run of the miniature TrOCR on the shipped sample."""
     run_dir = tmp_path_factory.mktemp("train") / "run"
-    run("train.py", f"model.name_or_path={trocr_miniature}", f"hydra.run.dir={run_dir}", *FAST)
+    out = run(
+        "train.py", f"model.name_or_path={trocr_miniature}", f"hydra.run.dir={run_dir}", *FAST
+    )
+    (run_dir.parent / "output.txt").write_text(out)
     return run_dir
+
+
+def test_a_fresh_run_is_not_warned_about_checkpoints_it_never_asked_for(trained_run: Path):
+    out = (trained_run.parent / "output.txt").read_text()
+    assert "Seed set to 0" in out  # the output was captured
+    assert "ckpt_path" not in out
 
 
 def test_train_leaves_every_file(trained_run: Path):
@@ -71,6 +82,8 @@ def test_train_leaves_every_file(trained_run: Path):
     assert (trained_run / "checkpoints" / "last.ckpt").is_file()
     model = VisionEncoderDecoderModel.from_pretrained(trained_run / "model")
     assert model.generation_config.decoder_start_token_id == 2
+    trained_on = json.loads((trained_run / "model" / "trained_on.json").read_text())
+    assert len(trained_on["train_images"]) == 20 and trained_on["csv"].endswith("lines.csv")
 
 
 def test_tensorboard_curves_start_at_the_base_score(trained_run: Path):
@@ -110,10 +123,12 @@ def test_evaluate_compares_any_number_of_models(
         "data.num_workers=0",
     )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert list(metrics) == ["base", "tuned", "scratch"]
-    assert all(m["n_lines"] == 40 for m in metrics.values())  # evaluate reads every line
+    # The tuned model was trained on 20 of the 40 lines: scored on the other 20 apart.
+    assert list(metrics) == ["base", "tuned", "tuned (unseen)", "scratch"]
+    assert [m["n_lines"] for m in metrics.values()] == [40, 40, 20, 40]
+    assert "models.tuned was trained on 20 of these 40 lines" in out
     assert "| tuned |" in out
-    for name in metrics:
+    for name in ("base", "tuned", "scratch"):
         assert scalars(tmp_path / "tensorboard" / name, "val/cer")
     assert (tmp_path / "comparison.png").is_file() and (tmp_path / "examples.png").is_file()
     with (tmp_path / "predictions.csv").open(encoding="utf-8") as f:
@@ -131,6 +146,7 @@ def test_multirun_writes_a_summary_that_shows_failed_jobs(tmp_path: Path):
         "data.batch_size=8",
         "data.num_workers=0",
         "model.max_new_tokens=16",
+        "data.max_target_length=128",
         expect_rc=1,  # Hydra exits 1 when any job failed
     )
     with (tmp_path / "summary.csv").open(encoding="utf-8") as f:

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hwr.errors import UserError
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -30,7 +32,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("label", help="serve a local page to type or correct the lines")
     p.add_argument("csv", type=Path, help="the line CSV; accepted lines are saved into it")
-    p.add_argument("--model", help="pre-fill with this model's reading (hub id, folder, embedded)")
+    p.add_argument(
+        "--model",
+        help="pre-fill with this model's reading: hub id, folder, embedded, or tuned (the "
+        "newest model train.py tuned on this CSV, under ./outputs)",
+    )
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--no-browser", action="store_true", help="do not open a browser")
 
@@ -51,6 +57,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         predict_main()
         return
     args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:  # a mistake the user can fix: the message, no traceback
+        print(f"hwr {args.verb}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args: argparse.Namespace) -> None:
     if args.verb == "import-xml":
         from hwr.xml_import import import_pages
 

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
@@ -309,6 +309,11 @@ class LineDataModule(L.LightningDataModule):
 
     `eval_split` picks the lines that validation (and evaluate.py) reads: "val" (the
     held-out side of the split), "test" (rows marked test), "train" or "all".
+
+    `train_lines` trains on the first N training lines in an order fixed by `subset_seed`,
+    so a smaller subset is inside every larger one (a learning curve); validation is
+    untouched. An epoch draws at least `min_epoch_lines` lines (a small set repeats, with
+    new augmentations), so few lines still make enough steps between validations.
     """
 
     def __init__(
@@ -328,6 +333,9 @@ class LineDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         max_target_length: int = 128,
+        train_lines: int | None = None,
+        subset_seed: int = 0,
+        min_epoch_lines: int = 0,
         augment: Mapping | None = None,
     ) -> None:
         super().__init__()
@@ -339,6 +347,8 @@ class LineDataModule(L.LightningDataModule):
             ("eval_batch_size", eval_batch_size or 1, 1),
             ("num_workers", num_workers, 0),
             ("max_target_length", max_target_length, 2),
+            ("train_lines", 1 if train_lines is None else train_lines, 1),
+            ("min_epoch_lines", min_epoch_lines, 0),
         ):
             if not isinstance(value, int) or value < least:
                 raise UserError(f"data.{name}={value}: must be a whole number >= {least}")
@@ -371,6 +381,16 @@ class LineDataModule(L.LightningDataModule):
         )
         self.splits = split_lines(lines, hp.val_fraction, hp.split_seed)
         self.splits["all"] = lines
+        if hp.train_lines is not None:
+            order = list(self.splits["train"])
+            random.Random(hp.subset_seed).shuffle(order)
+            if hp.train_lines > len(order):
+                log.warning(
+                    "data.train_lines=%d, but the training split has %d lines: training on all",
+                    hp.train_lines,
+                    len(order),
+                )
+            self.splits["train"] = order[: hp.train_lines]
         log.info(
             "%d lines: %s",
             len(lines),
@@ -385,7 +405,13 @@ class LineDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         workers = self.hparams.num_workers
         sampler = None
-        if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if shuffle and len(dataset) < self.hparams.min_epoch_lines:
+            # Shuffled passes over the set, back to back, until the epoch is long enough.
+            sampler = RandomSampler(dataset, num_samples=self.hparams.min_epoch_lines)
+            shuffle = False
+        elif (
+            not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
             # Lightning's default sampler pads shards with repeated lines; each line once here,
             # so scores over all processes are scores over the set.
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)

@@ -18,6 +18,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from hwr.errors import UserError
 from hwr.images import open_rgb
 from hwr.report import write_text
 
@@ -158,9 +159,30 @@ def make_server(store: LabelStore, port: int = 8765) -> ThreadingHTTPServer:
     return ThreadingHTTPServer(("127.0.0.1", port), make_handler(store))
 
 
+def newest_tuned_model(csv_path: Path, outputs: Path = Path("outputs")) -> Path:
+    """The model/ folder of the newest train.py run on this CSV (its trained_on.json says)."""
+    from hwr.model import TRAINED_ON
+
+    target = str(Path(csv_path).resolve())
+    found = [
+        record.parent
+        for record in Path(outputs).glob(f"**/model/{TRAINED_ON}")
+        if json.loads(record.read_text(encoding="utf-8")).get("csv") == target
+    ]
+    if not found:
+        raise UserError(
+            f"--model tuned: no model under {outputs}/ was trained on {csv_path}. Train one "
+            f"(python train.py data.csv={csv_path}), or name a model: --model PATH"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
 def serve(csv_path: Path, model: str | None = None, port: int = 8765, open_browser: bool = True):
-    """Serve the labelling page until Ctrl-C."""
+    """Serve the labelling page until Ctrl-C. model="tuned": the newest run on this CSV."""
     store = LabelStore(csv_path)
+    if model == "tuned":
+        model = str(newest_tuned_model(csv_path))
+        print(f"Pre-filling with {model}, the newest model tuned on {csv_path}")
     if model:
         store.prefill(model)
     server = make_server(store, port)

@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from peft import PeftConfig, PeftModel, get_peft_model
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import (
@@ -244,6 +245,8 @@ class TrOCRModule(L.LightningModule):
         max_new_tokens: int = 128,
         log_examples: int = 4,
         compile_encoder: bool = False,
+        freeze: Sequence[str] = (),
+        adapter: PeftConfig | None = None,
     ) -> None:
         super().__init__()
         # Checked before the model loads: a bad setting should not cost a minute.
@@ -255,8 +258,24 @@ class TrOCRModule(L.LightningModule):
         lr = getattr(optimizer, "keywords", {}).get("lr")
         if lr is not None and not lr > 0:
             raise UserError(f"optim.lr={lr}: must be above 0 (e.g. 1e-5)")
-        self.save_hyperparameters(ignore=["optimizer"])
+        if adapter is not None and not isinstance(adapter, PeftConfig):
+            raise UserError(f"model.adapter={adapter}: choose adapters with model/adapter=lora")
+        # Checkpoints are loaded with weights_only: hyperparameters must be plain types, not
+        # Hydra's ListConfig.
+        freeze = list(freeze)
+        self.save_hyperparameters(ignore=["optimizer", "adapter"])
         self.model, self.processor = load_pretrained(name_or_path, max_new_tokens)
+        if adapter is not None:
+            # Only the adapters train; they are merged into the weights for export.
+            self.model = get_peft_model(self.model, adapter)
+        for name in freeze:  # after the adapters, so a frozen part's adapters stay too
+            try:
+                part = self.plain_model.get_submodule(name)
+            except AttributeError:
+                raise UserError(
+                    f"model.freeze: the model has no part '{name}' (e.g. encoder, decoder)"
+                ) from None
+            part.requires_grad_(False)
         # from_pretrained returns eval mode, which Lightning keeps: dropout would stay off.
         self.model.train()
         # The encoder's pooler never feeds the decoder; left trainable, DDP would stop on
@@ -270,7 +289,22 @@ class TrOCRModule(L.LightningModule):
         self.optimizer = optimizer
         self.metrics = TextMetrics()
         self.predictions: dict[int, tuple[str, float]] = {}
+        self.validated_at: int | None = None  # the step of the last validation in this process
         self.base_result: dict | None = None
+
+    @property
+    def plain_model(self) -> VisionEncoderDecoderModel:
+        """The VisionEncoderDecoder inside, adapters (if any) in place but not merged."""
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+
+    def merged_model(self) -> VisionEncoderDecoderModel:
+        """The model to export: a plain VisionEncoderDecoder, adapters merged into the weights.
+
+        Merging is for the end of a run: the module trains no adapters after it.
+        """
+        if isinstance(self.model, PeftModel):
+            self.model = self.model.merge_and_unload()
+        return self.model
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values, labels=labels).loss
@@ -310,6 +344,7 @@ class TrOCRModule(L.LightningModule):
             shards = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(shards, self.predictions)
             self.predictions = {i: p for shard in shards for i, p in shard.items()}
+        self.validated_at = self.global_step
         scores = self.metrics.compute()  # torchmetrics sum over processes
         for name, value in scores.items():
             self.log(f"val/{name}", float(value), prog_bar=name == "cer")
@@ -337,7 +372,7 @@ class TrOCRModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         if self.optimizer is None:
             raise ValueError("TrOCRModule needs an optimizer to train (the optim config group).")
-        optimizer = self.optimizer(params=self.parameters())
+        optimizer = self.optimizer(params=[p for p in self.parameters() if p.requires_grad])
         total = self.trainer.estimated_stepping_batches
         scheduler = get_linear_schedule_with_warmup(
             optimizer, int(self.hparams.warmup_ratio * total), total

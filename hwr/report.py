@@ -127,6 +127,31 @@ def plot_examples(path: Path, lines: Sequence[Line], results: Results, n: int = 
     return _save_figure(path, fig)
 
 
+def plot_learning_curve(path: Path, points: Sequence[Mapping]) -> Path:
+    """Tuned CER against training lines (log scale; min-max over runs), base CER as a line."""
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    xs = [p["lines"] for p in points]
+    means = [p["tuned_cer"] for p in points]
+    spread = [[m - p["min"] for m, p in zip(means, points, strict=True)]]
+    spread.append([p["max"] - m for m, p in zip(means, points, strict=True)])
+    ax.errorbar(xs, means, yerr=spread, marker="o", capsize=4, label="tuned (mean, min-max)")
+    for x, m in zip(xs, means, strict=True):
+        ax.annotate(f"{m:.3f}", (x, m), textcoords="offset points", xytext=(0, 8), ha="center")
+    base = sum(p["base_cer"] for p in points) / len(points)
+    ax.axhline(base, color="grey", linestyle="--", label=f"base {base:.3f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(x) for x in xs])
+    ax.set_xlabel("training lines")
+    ax.set_ylabel("CER on held-out lines (lower is better)")
+    ax.set_ylim(0, max(base, *means) * 1.15)
+    ax.set_title("How many lines to label: CER against training lines")
+    ax.legend()
+    fig.tight_layout()
+    return _save_figure(path, fig)
+
+
 def _save_figure(path: Path, fig: Figure) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
 

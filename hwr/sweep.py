@@ -2,6 +2,8 @@
 
 Hydra skips `on_multirun_end` when a job fails, so the summary is rebuilt from the job
 folders after every job: a failed job shows up as failed and never hides the others.
+A sweep over `data.train_lines` also gets its learning curve: tuned CER against the
+number of training lines, from the base model's CER.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from hwr.errors import find_user_error
-from hwr.metrics import METRICS
-from hwr.report import write_text
+from hwr.metrics import METRICS, line_edits
+from hwr.report import plot_learning_curve, write_text
 
 COLUMNS = ("job", "status", "overrides", *(f"{w}_{m}" for w in ("base", "tuned") for m in METRICS))
 
@@ -58,6 +60,67 @@ def write_summary(sweep_dir: Path) -> None:
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(cell(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
     write_text(Path(sweep_dir) / "summary.md", "\n".join(md) + "\n")
+    points = learning_curve(sweep_dir)
+    if points:
+        write_text(Path(sweep_dir) / "learning_curve.md", curve_table(points) + "\n")
+        plot_learning_curve(Path(sweep_dir) / "learning_curve.png", points)
+
+
+def learning_curve(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Finished jobs of a sweep over data.train_lines, grouped by how many lines trained.
+
+    Each point: lines, runs (subset orders), tuned CER mean/min/max, base CER (the same
+    held-out lines for every job), the change against it, and the characters a person
+    corrects per line in the base and the tuned reading (as the labelling page pre-fills).
+    """
+    by_size: dict[int, list[tuple[float, float, float, float]]] = {}
+    for job in sorted(p for p in Path(sweep_dir).iterdir() if (p / "metrics.json").is_file()):
+        overrides = OmegaConf.load(job / ".hydra" / "overrides.yaml")
+        if not any(str(o).startswith("data.train_lines=") for o in overrides):
+            continue
+        metrics = json.loads((job / "metrics.json").read_text(encoding="utf-8"))
+        if "base" not in metrics:
+            continue
+        with (job / "predictions.csv").open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+        refs = [r["reference"] for r in rows]
+        fixes = [float(line_edits([r[w] for r in rows], refs).mean()) for w in ("base", "tuned")]
+        n = metrics["settings"]["n_train"]
+        by_size.setdefault(n, []).append((metrics["base"]["cer"], metrics["tuned"]["cer"], *fixes))
+    points = []
+    for n, runs in sorted(by_size.items()):
+        tuned = [r[1] for r in runs]
+        base = sum(r[0] for r in runs) / len(runs)
+        mean = sum(tuned) / len(tuned)
+        points.append(
+            {
+                "lines": n,
+                "runs": len(runs),
+                "tuned_cer": mean,
+                "min": min(tuned),
+                "max": max(tuned),
+                "base_cer": base,
+                "change": (mean - base) / base if base else 0.0,
+                "base_fixes": sum(r[2] for r in runs) / len(runs),
+                "tuned_fixes": sum(r[3] for r in runs) / len(runs),
+            }
+        )
+    return points
+
+
+def curve_table(points: list[dict[str, Any]]) -> str:
+    rows = [
+        "| training lines | runs | tuned CER (mean) | min | max | base CER | change "
+        "| characters to fix per line, base → tuned |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        rows.append(
+            f"| {p['lines']} | {p['runs']} | {p['tuned_cer']:.4f} | {p['min']:.4f} | "
+            f"{p['max']:.4f} | {p['base_cer']:.4f} | {100 * p['change']:+.1f}% "
+            f"| {p['base_fixes']:.1f} → {p['tuned_fixes']:.1f} |"
+        )
+    return "\n".join(rows)
 
 
 class SweepSummary(Callback):

@@ -95,7 +95,10 @@ def train(cfg: DictConfig) -> float:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    if not (best and module.validated_at == trainer.global_step == trained_steps(Path(best))):
+        # Unless the last validation was the best one (its scores and weights are in hand),
+        # read the validation lines again with the best weights.
+        trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     tuned = {"metrics": module.metrics.compute(), "predictions": dict(module.predictions)}
     if module.base_result is None:
         log.warning(
@@ -110,15 +113,26 @@ def train(cfg: DictConfig) -> float:
         "csv": str(Path(cfg.data.csv).resolve()),
         "train_images": [str(line.image) for line in datamodule.splits["train"]],
     }
-    export(module.model, module.processor, run_dir / "model", trained_on)
+    export(module.merged_model(), module.processor, run_dir / "model", trained_on)
 
     settings = {
         "model": str(cfg.model.name_or_path),
         "optim": OmegaConf.to_container(cfg.optim),
         "data": {
             k: cfg.data[k]
-            for k in ("csv", "batch_size", "val_fraction", "split_seed", "group_by", "eval_split")
+            for k in (
+                "csv",
+                "batch_size",
+                "val_fraction",
+                "split_seed",
+                "group_by",
+                "eval_split",
+                "train_lines",
+                "subset_seed",
+            )
         },
+        "freeze": list(cfg.model.freeze),
+        "adapter": OmegaConf.to_container(cfg.model.adapter) if cfg.model.adapter else None,
         "augment": [k for k, v in (cfg.data.augment or {}).items() if v],
         "max_epochs": cfg.trainer.max_epochs,
         "epochs_trained": trainer.current_epoch,

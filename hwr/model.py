@@ -85,16 +85,24 @@ def load_pretrained(
     try:
         processor = TrOCRProcessor.from_pretrained(name_or_path, local_files_only=cache_only)
         model = VisionEncoderDecoderModel.from_pretrained(name_or_path, local_files_only=cache_only)
-    except OSError as e:
+    except (OSError, ValueError) as e:
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if local.exists():
-            raise
-        reason = (
-            "could not load it: not a local folder, not in the Hugging Face cache, and the hub "
-            "is out of reach."
-            if cache_only
-            else f"could not load it: not a local folder, and the hub has no such model "
-            f"({str(e).splitlines()[0]})."
-        )
+            reason = (
+                f"the folder holds a model that could not be loaded ({cause}). It needs what "
+                "save_pretrained writes for both the model and the processor: config.json, "
+                "model.safetensors (or pytorch_model.bin), the image processor's and the "
+                "tokenizer's files. Copy the whole folder again, or save it anew."
+            )
+        elif cache_only:
+            reason = (
+                "could not load it: not a local folder, not in the Hugging Face cache, and the "
+                "hub is out of reach."
+            )
+        else:
+            reason = (
+                f"could not load it: not a local folder, and the hub has no such model ({cause})."
+            )
         raise ModelUnavailableError(name_or_path, reason) from e
     wire_token_ids(model, processor, max_new_tokens)
     return model, processor
@@ -119,7 +127,9 @@ def wire_token_ids(
 
     TrOCR was pre-trained to start decoding from `</s>` (id 2), not `<s>`; the labels
     then begin with `<s>`. Hub configs leave some of these unset, and generation's
-    default of 20 tokens would cut lines short.
+    default of 20 tokens would cut lines short. They also say `"use_cache": false` for
+    the decoder, which generation copies: every step would re-read the whole line so far
+    (3x slower at TrOCR-base size).
     """
     tok = processor.tokenizer
     for config in (model.config, model.generation_config):
@@ -130,6 +140,8 @@ def wire_token_ids(
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.max_length = None
     model.generation_config.max_new_tokens = max_new_tokens
+    model.config.decoder.use_cache = True
+    model.generation_config.use_cache = True
 
 
 @torch.no_grad()

@@ -126,3 +126,38 @@ def test_compiled_encoder_computes_the_same_and_exports_the_same_keys(
     out = export(compiled.model, compiled.processor, tmp_path / "model")
     reloaded = VisionEncoderDecoderModel.from_pretrained(out)
     assert set(reloaded.state_dict()) == set(plain.model.state_dict())
+
+
+def test_generation_uses_the_cache_even_when_the_hub_config_says_not(
+    trocr_miniature: Path, tmp_path: Path
+):
+    """TrOCR's hub configs carry "use_cache": false in the decoder; generation copies it."""
+    model = VisionEncoderDecoderModel.from_pretrained(trocr_miniature)
+    model.config.decoder.use_cache = False
+    model.generation_config.use_cache = False
+    model.save_pretrained(tmp_path)
+    TrOCRProcessor.from_pretrained(trocr_miniature).save_pretrained(tmp_path)
+
+    model, processor = load_pretrained(str(tmp_path), max_new_tokens=12)
+    lengths = []
+    model.decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+        with_kwargs=True,
+    )
+    pixels = processor(images=Image.new("RGB", (300, 40), "white"), return_tensors="pt")
+    model.generate(pixels.pixel_values, min_new_tokens=12)
+    assert len(lengths) == 12 and lengths[1:] == [1] * 11  # one new token a step: cached
+
+
+@pytest.mark.parametrize(
+    "missing", ["model.safetensors", "tokenizer.json", "processor_config.json"]
+)
+def test_a_folder_missing_files_is_named_with_what_to_do(tmp_path: Path, missing: str):
+    model, processor = load_pretrained("tiny")
+    out = export(model, processor, tmp_path / "model")
+    (out / missing).unlink()
+    with pytest.raises(ModelUnavailableError) as err:
+        load_pretrained(str(out))
+    message = str(err.value)
+    assert message.startswith(f"model.name_or_path={out}: the folder holds a model that could")
+    assert "save_pretrained" in message and "Offline options" not in message

@@ -101,7 +101,7 @@ def text_checker(tokenizer, max_tokens: int) -> Callable[[str], str | None]:
         if n > max_tokens:
             return (
                 f"{UNWRITABLE} a line this long: {n} tokens, it writes at most {max_tokens} "
-                "(model.max_new_tokens); split the line"
+                "(data.max_target_length, which follows model.max_new_tokens); split the line"
             )
         return None
 
@@ -344,7 +344,7 @@ class LineDataModule(L.LightningDataModule):
             raise UserError(f"data.eval_split={eval_split}: use one of train, val, test, all")
         for name, value, least in (
             ("batch_size", batch_size, 1),
-            ("eval_batch_size", eval_batch_size or 1, 1),
+            ("eval_batch_size", 1 if eval_batch_size is None else eval_batch_size, 1),
             ("num_workers", num_workers, 0),
             ("max_target_length", max_target_length, 2),
             ("train_lines", 1 if train_lines is None else train_lines, 1),

@@ -137,7 +137,7 @@ def plot_learning_curve(path: Path, points: Sequence[Mapping]) -> Path:
     spread.append([p["max"] - m for m, p in zip(means, points, strict=True)])
     ax.errorbar(xs, means, yerr=spread, marker="o", capsize=4, label="tuned (mean, min-max)")
     for x, m in zip(xs, means, strict=True):
-        ax.annotate(f"{m:.3f}", (x, m), textcoords="offset points", xytext=(0, 8), ha="center")
+        ax.annotate(f"{m:.3f}", (x, m), textcoords="offset points", xytext=(6, 6), ha="left")
     base = sum(p["base_cer"] for p in points) / len(points)
     ax.axhline(base, color="grey", linestyle="--", label=f"base {base:.3f}")
     ax.set_xscale("log", base=2)

@@ -22,7 +22,9 @@ import argparse
 import json
 import math
 import random
+import re
 import time
+import unicodedata
 import zlib
 from collections.abc import Sequence
 from functools import partial
@@ -175,10 +177,58 @@ class RenderedLines(Dataset):
         return encode_line(self.processor, image, text, i)
 
 
+# Copied at the foot of every Copiste d'un jour page, with a reference line
+# ("Nom de référence : imp_wikitexte_0093"): the first model learned to write them where
+# it could not read.
+COPISTE_CONSENT = (
+    "J'ai lu les conditions de participation et j'y consens. Je comprends que mon manuscrit "
+    "sera anonymisé et utilisé par BAnQ pour des activités de recherche et développement et "
+    "qu'il pourra aussi être publié et partagé sous licence CC-BY pour être utilisé "
+    "librement à des fins non commerciales."
+)
+CONSENT_OWN_WORDS = {
+    "banq",
+    "consens",
+    "anonymise",
+    "licence",
+    "license",
+    "manuscrit",
+    "commerciales",
+}
+
+
+def _words(text: str) -> list[str]:
+    plain = unicodedata.normalize("NFKD", text.lower())
+    return re.findall(r"\w+", "".join(c for c in plain if not unicodedata.combining(c)))
+
+
+CONSENT_WORDS = set(_words(COPISTE_CONSENT)) | CONSENT_OWN_WORDS
+
+
+def is_boilerplate(text: str) -> bool:
+    """A page's furniture, not writing to learn: a reference (wikitexte_0093) or a piece of
+    the consent paragraph. Copied by hand, that comes cut, hyphenated and misspelt, so a
+    line counts when most of its words are the paragraph's and one is its own (BAnQ,
+    manuscrit, ...), or when it has five words or more and nearly all are the paragraph's.
+    """
+    if re.search(r"wikitexte", text, re.IGNORECASE):
+        return True
+    words = _words(text)
+    known = sum(w in CONSENT_WORDS for w in words)
+    if not words or known < 0.6 * len(words):
+        return False
+    return bool(CONSENT_OWN_WORDS & set(words)) or (len(words) >= 5 and known >= 0.8 * len(words))
+
+
 def real_datasets(real: Path | None, group_by: str) -> tuple[dict[str, list], list[str]]:
-    """Real lines by side of the writer split, and the training side's texts."""
+    """Real lines by side of the writer split (boilerplate left out), and the training
+    side's texts."""
     by = {"train": [], "val": [], "test": []}
-    for line in read_lines(Path(real) / "lines.csv", group_by=group_by) if real else []:
+    lines = read_lines(Path(real) / "lines.csv", group_by=group_by) if real else []
+    kept = [line for line in lines if not is_boilerplate(line.text)]
+    if len(kept) < len(lines):
+        print(f"left out {len(lines) - len(kept)} boilerplate lines of {len(lines)}")
+    for line in kept:
         by[writer_split(line.group or "")].append(line)
     return by, [line.text for line in by["train"]]
 

@@ -16,12 +16,12 @@ from hwr.data import read_lines
 from hwr.embedded import IMAGE_SIZE, WEIGHTS
 from hwr.metrics import TextMetrics
 from hwr.model import load_pretrained, read_images
+from hwr.pretrain import is_boilerplate, real_datasets, writer_split
 from hwr.pretrain import main as pretrain
-from hwr.pretrain import writer_split
 from hwr.synth import HELD_OUT_FONTS, TRAIN_FONTS, TextSource, render_line, synthetic_lines
 from hwr.tiny import ALPHABET
 
-from .conftest import SAMPLE_CSV
+from .conftest import SAMPLE_CSV, SHARED_DATA
 
 FONTS = TRAIN_FONTS + HELD_OUT_FONTS
 
@@ -115,3 +115,39 @@ def test_synth_cli_writes_the_same_lines_with_any_number_of_workers(tmp_path: Pa
     one, two = (read_lines(tmp_path / f"w{w}" / "lines.csv") for w in (1, 2))
     assert [x.text for x in one] == [x.text for x in two] and len(one) == 150
     assert (one[120].image.read_bytes()) == (two[120].image.read_bytes())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Nom de référence : imp_wikitexte_0093",
+        "IMP_WIKITEXTE_0101",
+        "comprends que mon manuscrit sera anonymisé et utilisé pa",
+        "et partagé sous license CC-BY pour être utilisé",
+        "qu'il pourra aussi être publié et partagé sous",
+        "non commerciales.",
+    ],
+)
+def test_copiste_page_furniture_is_boilerplate(text: str):
+    assert is_boilerplate(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Elle détient une participation",
+        "Le township est baptisé en référence à la communauté de",
+        "et dirigeant de banque français.",
+        "Meeting with Anna on Tuesday at 10:30, room 4B.",
+        "de la ville",
+    ],
+)
+def test_ordinary_lines_are_not_boilerplate(text: str):
+    assert not is_boilerplate(text)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "copiste").is_dir(), reason="../shared/data is absent")
+def test_pretraining_leaves_copiste_boilerplate_out():
+    by, texts = real_datasets(SHARED_DATA / "copiste", "writer")
+    assert sum(len(v) for v in by.values()) == 5027 - 619  # measured: 619 such lines
+    assert not any("BAnQ" in t or "wikitexte" in t.lower() for t in texts)

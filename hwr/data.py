@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from hwr.errors import UserError
+from hwr.errors import UserError, require_count
 from hwr.images import line_problem, open_rgb
 
 log = logging.getLogger(__name__)
@@ -350,8 +350,7 @@ class LineDataModule(L.LightningDataModule):
             ("train_lines", 1 if train_lines is None else train_lines, 1),
             ("min_epoch_lines", min_epoch_lines, 0),
         ):
-            if not isinstance(value, int) or value < least:
-                raise UserError(f"data.{name}={value}: must be a whole number >= {least}")
+            require_count(f"data.{name}", value, least)
         check_val_fraction(val_fraction)
         self.save_hyperparameters(ignore=["processor", "augment"])
         self.processor = processor

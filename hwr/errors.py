@@ -27,6 +27,12 @@ class UserError(ValueError):
     """Something the user can fix; the message names what and how."""
 
 
+def require_count(setting: str, value: object, least: int) -> None:
+    """A count setting (batch size, beams, tokens, ...) must be a whole number >= least."""
+    if not isinstance(value, int) or value < least:
+        raise UserError(f"{setting}={value}: must be a whole number >= {least}")
+
+
 def find_user_error(exc: BaseException) -> UserError | None:
     """The UserError behind `exc`: Hydra's instantiate wraps errors raised in constructors."""
     seen: set[int] = set()

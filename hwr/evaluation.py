@@ -71,27 +71,23 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
             {"model": str(name_or_path)}, {f"hp/{k}": v for k, v in metrics.items()}
         )
         seen = seen_in_training(name_or_path, lines)
-        if len(seen) == len(lines):
-            log.warning(
-                "models.%s was trained on all %d of these lines: its scores are not scores on "
-                "unseen handwriting (data.eval_split=val with the split settings of its "
-                "training run reads the held-out side).",
-                name,
-                len(lines),
-            )
-        elif seen:
+        if not seen:
+            continue
+        apart = ""
+        if len(seen) < len(lines):
             results[f"{name} (unseen)"] = unseen_result(results[name], lines, seen)
-            log.warning(
-                "models.%s was trained on %d of these %d lines: its scores on them are not "
-                "scores on unseen handwriting. Its %d other lines are scored apart as "
-                "'%s (unseen)' (or read only the held-out side: data.eval_split=val with "
-                "the split settings of its training run).",
-                name,
-                len(seen),
-                len(lines),
-                len(lines) - len(seen),
-                name,
+            apart = (
+                f" Its {len(lines) - len(seen)} other lines are scored apart as '{name} (unseen)'."
             )
+        log.warning(
+            "models.%s was trained on %d of these %d lines: its scores on them are not scores "
+            "on unseen handwriting.%s (data.eval_split=val with the split settings of its "
+            "training run reads only the held-out side.)",
+            name,
+            len(seen),
+            len(lines),
+            apart,
+        )
 
     write_json(run_dir / "metrics.json", {n: r["metrics"] for n, r in results.items()})
     table = write_report(run_dir, lines, results)

@@ -16,14 +16,9 @@ from torchmetrics.text import CharErrorRate, WordErrorRate
 METRICS = ("cer", "wer", "accuracy", "char_similarity")
 
 
-def line_edits(preds: Sequence[str], refs: Sequence[str]) -> torch.Tensor:
-    """Per-line edit distance: the characters a person fixes to correct each reading."""
-    return edit_distance(list(preds), list(refs), reduction="none").float()
-
-
 def line_cer(preds: Sequence[str], refs: Sequence[str]) -> torch.Tensor:
     """Per-line character error rate: edits / reference length (1 edit per char if empty)."""
-    dist = line_edits(preds, refs)
+    dist = edit_distance(list(preds), list(refs), reduction="none").float()
     return dist / torch.tensor([max(len(r), 1) for r in refs], dtype=torch.float)
 
 

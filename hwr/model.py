@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from hwr.embedded import embedded_path
-from hwr.errors import UserError
+from hwr.errors import UserError, require_count
 from hwr.images import open_rgb
 from hwr.metrics import TextMetrics
 from hwr.report import umask, write_json
@@ -270,9 +270,8 @@ class TrOCRModule(L.LightningModule):
     ) -> None:
         super().__init__()
         # Checked before the model loads: a bad setting should not cost a minute.
-        for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"model.{name}={value}: must be a whole number >= 1")
+        require_count("model.num_beams", num_beams, 1)
+        require_count("model.max_new_tokens", max_new_tokens, 1)
         if not 0.0 <= warmup_ratio < 1.0:
             raise UserError(f"model.warmup_ratio={warmup_ratio}: must be in [0, 1)")
         lr = getattr(optimizer, "keywords", {}).get("lr")

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hwr.errors import UserError, hydra_task
+from hwr.errors import UserError, hydra_task, require_count
 from hwr.images import PAGE_MIN_HEIGHT, is_page, open_rgb, too_small
 from hwr.model import load_pretrained, read_images
 from hwr.report import write_json, write_text
@@ -95,8 +95,7 @@ def check_settings(cfg: DictConfig) -> None:
     for name, allowed in choices.items():
         if cfg[name] not in allowed:
             raise UserError(f"{name}={cfg[name]}: use one of {', '.join(allowed)}")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise UserError(f"batch_size={cfg.batch_size}: must be a whole number >= 1")
+    require_count("batch_size", cfg.batch_size, 1)
 
 
 def predict(cfg: DictConfig) -> list[Reading]:

@@ -89,20 +89,23 @@ def format_table(results: Results) -> str:
 def plot_comparison(path: Path, results: Results) -> Path:
     """Grouped bars, one group per metric, one bar per model, values written on top."""
     names = list(results)
+    counts = {name: results[name]["metrics"]["n_lines"] for name in names}
+    same = len(set(counts.values())) == 1  # not so when a model's unseen lines are apart
     fig = Figure(figsize=(2.2 * len(METRICS) + 1, 4))
     ax = fig.subplots()
     width = 0.8 / len(names)
     for j, name in enumerate(names):
         values = [results[name]["metrics"][k] for k in METRICS]
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(METRICS))]
-        bars = ax.bar(xs, values, width, label=name)
+        label = name if same else f"{name}, {counts[name]} lines"
+        bars = ax.bar(xs, values, width, label=label)
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
     ax.set_xticks(range(len(METRICS)))
     ax.set_xticklabels(
         ["CER (lower is better)", "WER (lower is better)", "line accuracy", "char similarity"]
     )
-    n_lines = results[names[0]]["metrics"]["n_lines"]
-    ax.set_title(f"{' vs '.join(names)} on {n_lines} lines")
+    on = f" on {counts[names[0]]} lines" if same else ""
+    ax.set_title(f"{' vs '.join(names)}{on}")
     ax.set_ylim(0, max(1.05, ax.get_ylim()[1]))
     ax.legend()
     fig.tight_layout()

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from hwr.images import open_rgb
-from hwr.segment import Box, ProjectionSegmenter, count_matches, page_boxes
-from hwr.xml_import import read_page
+from hwr.pages.segment import Box, ProjectionSegmenter, count_matches, page_boxes
+from hwr.pages.xml_import import read_page
 
 
 def main() -> None:

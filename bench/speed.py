@@ -1,25 +1,31 @@
-"""Training and inference speed of hwr against the plain way, side by side, in one run.
+"""Training and reading speed of hwr against the plain way, and its memory, on this machine.
 
     python bench/speed.py [--quick] [--out bench/results]
 
-Rows (lines per second, peak memory), for TrOCR-base's architecture (random weights:
-speed does not depend on them) and for the embedded model (hwr/weights/embedded):
-  train (a) transformers' Seq2SeqTrainer fed by torchvision augmentations + TrOCRProcessor,
-            written the way its tutorials do; (b) hwr's train.py path with its defaults;
-            (c) hwr with its fastest settings (bf16 autocast).
-  infer (a) from_pretrained + generate line by line (what pipeline("image-to-text") did;
-            transformers 5 removed it); (b) hwr batched reading; (c) hwr's fastest CPU
-            path (bf16 autocast, batched).
-  data   decode + augment + process alone, as the training DataLoader does it.
-  synth  hwr.synth rendering synthetic handwriting lines (text included), one process.
-  read   the embedded model reading real lines of writers it never saw (Copiste test
-         writers; the shipped sample without ../shared/data) as they come, greedy,
-         batches of 128: lines/s and CER, in float32 and in bf16 (what the fast path costs).
-With random weights the decoded length is fixed (min = max new tokens) so every row
-decodes as many tokens. Each row runs in its own (forked) process, so its peak memory is
-its own.
-The last line is `ratios: train X.XX infer Y.YY`: (c)/(a) for TrOCR-base at batch 2.
---quick measures the first batch size only, fewer steps and lines (under 5 minutes).
+Ways that are compared run side by side, each in its own process, loaded and warmed up
+once, then timed in turns (a, b, c, a, b, c, ...): whatever else the machine does falls
+on all of them alike, so their ratios hold on a busy machine. A row gives the median
+lines/s over the turns, their spread (slowest-fastest turn, in % of the median) and the
+way's peak memory (its process's largest RSS; the libraries alone take ~0.85 GB). A
+ratio is the median of the turns' ratios.
+
+  train   TrOCR-base's architecture (random weights) at batch 2 (and 8):
+          (a) transformers' Seq2SeqTrainer fed by torchvision, as TrOCR tutorials write it
+              (the seed's recipe); (b) train.py's defaults; (c) train.py in bf16 autocast.
+          (b)'s memory includes a validation batch read after training, with the
+          optimizer's state still held, as in a real run.
+  read    (a) from_pretrained + generate line by line; (b) predict's reading, batched;
+          (c) the same in bf16. Decoding is held at NEW_TOKENS tokens (random weights).
+  hub     predict's reading of TrOCR-base saved in the hub checkpoint's old files
+          against the same weights saved by today's transformers.
+  score   the embedded model reading unseen Copiste lines (the shipped sample without
+          ../shared/data) as validation and evaluate.py do (train.py's configs, a
+          Lightning validation) against predict's reading of the same lines.
+  unseen  the embedded model reading those lines as predict.py ... batch_size=128
+          does, in float32 and bf16: lines/s and CER.
+  data    decode + augment + process, as training's DataLoader does (2 workers).
+  synth   hwr.embedded.synth rendering training lines, one process.
+The last line is `ratios: train X infer Y`: (c)/(a) of TrOCR-base at batch 2.
 """
 
 from __future__ import annotations
@@ -27,64 +33,185 @@ from __future__ import annotations
 import argparse
 import csv
 import multiprocessing as mp
+import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
-from functools import partial
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from queue import Empty
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # the ways' progress bars, between the rows
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "copiste" / "lines.csv"
 NEW_TOKENS = 24
-
-
-def build_models(root: Path) -> dict[str, Path]:
-    from hwr.embedded import embedded_path
-    from hwr.synth import SAMPLE_TEXT
-    from hwr.tiny import TROCR_BASE, bpe_tokenizer, trocr_layout
-
-    base = root / "trocr-base"
-    model, processor = trocr_layout(
-        bpe_tokenizer(SAMPLE_TEXT.splitlines(), 2000),
-        TROCR_BASE["encoder"],
-        TROCR_BASE["decoder"],
-        (384, 384),
-    )
-    model.save_pretrained(base)
-    processor.save_pretrained(base)
-    return {"trocr-base": base, "embedded": embedded_path()}
-
-
-def write_lines(root: Path, n: int, unseen: bool = False) -> Path:
-    """n real lines (Copiste, when ../shared/data is there) or the shipped sample, as a CSV;
-    unseen: only lines of the writers the embedded model's pre-training kept out."""
-    from hwr.pretrain import writer_split
-
-    source = SHARED if SHARED.is_file() else REPO / "line_data" / "lines.csv"
-    with source.open(encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if unseen and "writer" in rows[0]:
-        rows = [r for r in rows if writer_split(r["writer"]) == "test"]
-    rows = rows[:n]
-    out = root / ("unseen.csv" if unseen else "lines.csv")
-    with out.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file_name", "text"])
-        writer.writerows([(source.parent / r["file_name"]).resolve(), r["text"]] for r in rows)
-    return out
 
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# ---- training rows: each returns (lines/s, peak MB) ----
+class Turns:
+    """A way's side of the turns: it calls tick(lines) after each unit of work (a step, a
+    read). After `warmup` units it waits for its turn; a turn times `per_turn` units.
+    tick returns False when the bench says stop."""
+
+    def __init__(self, conn, warmup: int, per_turn: int) -> None:
+        self.conn, self.per_turn = conn, per_turn
+        self.left, self.lines, self.start = warmup, 0, None
+
+    def tick(self, lines: int) -> bool:
+        if self.start is not None:
+            self.lines += lines
+        self.left -= 1
+        if self.left > 0:
+            return True
+        if self.start is None:
+            self.conn.send(("ready", None))
+        else:
+            self.conn.send(("turn", (self.lines, time.perf_counter() - self.start)))
+        if self.conn.recv() == "stop":
+            return False
+        self.left, self.lines, self.start = self.per_turn, 0, time.perf_counter()
+        return True
 
 
-def train_seq2seq(model_dir: Path, csv_path: Path, batch: int, steps: int) -> tuple[float, float]:
-    """The original recipe, the way TrOCR fine-tuning tutorials write it."""
+def _serve(way: Callable, args: tuple, conn, warmup: int, per_turn: int, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        result = way(Turns(conn, warmup, per_turn), *args)
+        conn.send(("done", (peak_mb(), result)))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+
+
+@dataclass
+class Row:
+    model: str
+    task: str
+    way: str
+    speeds: list[float]  # lines/s of each turn
+    peak: float
+    cer: float | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.speeds)
+
+    @property
+    def spread(self) -> float:
+        return (max(self.speeds) - min(self.speeds)) / self.median
+
+
+def compare(
+    model: str,
+    task: str,
+    ways: dict[str, tuple[Callable, tuple]],
+    turns: int,
+    threads: int,
+    warmup: int = 1,
+    per_turn: int = 1,
+) -> list[Row]:
+    """Start every way, wait until all are warm, then time them in turns."""
+    ctx = mp.get_context("fork")
+    procs = {}
+    for name, (way, args) in ways.items():
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(way, args, theirs, warmup, per_turn, threads))
+        proc.start()
+        procs[name] = (proc, ours)
+
+    def answer(name: str, expected: str):
+        kind, value = procs[name][1].recv()
+        if kind != expected:
+            for proc, _ in procs.values():
+                proc.kill()
+            raise RuntimeError(f"{model} {task} {name}: {value if kind == 'error' else kind}")
+        return value
+
+    for name in procs:
+        answer(name, "ready")
+    speeds: dict[str, list[float]] = {name: [] for name in procs}
+    for _ in range(turns):
+        for name, (_, conn) in procs.items():
+            conn.send("go")
+            lines, seconds = answer(name, "turn")
+            speeds[name].append(lines / seconds)
+    rows = []
+    for name, (proc, conn) in procs.items():
+        conn.send("stop")
+        peak, cer = answer(name, "done")
+        proc.join()
+        rows.append(Row(model, task, name, speeds[name], peak, cer))
+        print(row_line(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def turn_ratio(rows: list[Row], top: str, bottom: str) -> float:
+    """Median over turns of top's speed / bottom's (each turn's two ways ran back to back)."""
+    a = next(r for r in rows if r.way.startswith(top))
+    b = next(r for r in rows if r.way.startswith(bottom))
+    return statistics.median(x / y for x, y in zip(a.speeds, b.speeds, strict=True))
+
+
+# ---- models and lines ----
+
+
+def build_models(root: Path) -> None:
+    """TrOCR-base's architecture saved by today's transformers, and again in the hub's files."""
+    from hwr.embedded.synth import SAMPLE_TEXT
+    from hwr.embedded.tiny import TROCR_BASE, bpe_tokenizer, save_hub_layout, trocr_layout
+
+    model, processor = trocr_layout(
+        bpe_tokenizer(SAMPLE_TEXT.splitlines(), 2000),
+        TROCR_BASE["encoder"],
+        TROCR_BASE["decoder"],
+        (384, 384),
+    )
+    model.save_pretrained(root / "trocr-base")
+    processor.save_pretrained(root / "trocr-base")
+    save_hub_layout(root / "trocr-base", root / "trocr-base-hub")
+
+
+def write_lines(root: Path, n: int, unseen: bool = False) -> Path:
+    """n real lines (Copiste, when ../shared/data is there) or the shipped sample, as a CSV;
+    unseen: only lines of the writers the embedded model's pre-training kept out."""
+    from hwr.embedded.pretrain import is_boilerplate, writer_split
+
+    source = SHARED if SHARED.is_file() else REPO / "line_data" / "lines.csv"
+    with source.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if unseen and "writer" in rows[0]:
+        rows = [
+            r for r in rows if writer_split(r["writer"]) == "test" and not is_boilerplate(r["text"])
+        ]
+    out = root / ("unseen.csv" if unseen else "lines.csv")
+    with out.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "text"])
+        for r in rows[:n]:
+            writer.writerow([(source.parent / r["file_name"]).resolve(), r["text"]])
+    return out
+
+
+def _lines(csv_path: Path, n: int | None = None) -> tuple[list, list[str]]:
+    from hwr.images import open_rgb
+
+    with csv_path.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:n]
+    return [open_rgb(r["file_name"]) for r in rows], [r["text"] for r in rows]
+
+
+# ---- training ways ----
+
+
+def train_seq2seq(turns: Turns, model_dir: Path, csv_path: Path, batch: int) -> None:
+    """The seed's recipe, the way TrOCR fine-tuning tutorials write it."""
     import torch
     from PIL import Image
     from torch.utils.data import Dataset
@@ -127,21 +254,21 @@ def train_seq2seq(model_dir: Path, csv_path: Path, batch: int, steps: int) -> tu
             labels = [t if t != pad else -100 for t in labels]
             return {"pixel_values": pixel_values, "labels": torch.tensor(labels)}
 
-    stamps: list[float] = []
-
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            stamps.append(time.perf_counter())
+            if not turns.tick(batch):
+                control.should_training_stop = True
 
     with tempfile.TemporaryDirectory() as tmp:
         args = Seq2SeqTrainingArguments(
             output_dir=tmp,
             per_device_train_batch_size=batch,
-            max_steps=steps + 1,
+            max_steps=10**6,
             learning_rate=1e-5,
             report_to=[],
             save_strategy="no",
             logging_strategy="no",
+            disable_tqdm=True,
         )
         Seq2SeqTrainer(
             model=model,
@@ -150,266 +277,309 @@ def train_seq2seq(model_dir: Path, csv_path: Path, batch: int, steps: int) -> tu
             data_collator=default_data_collator,
             callbacks=[Clock()],
         ).train()
-    return batch * steps / (stamps[-1] - stamps[0]), peak_mb()
 
 
-def train_hwr(
-    model_dir: Path, csv_path: Path, batch: int, steps: int, fast: bool, extra: tuple = ()
-) -> tuple[float, float]:
-    """train.py's path: the real configs, composed and instantiated as train.py does."""
-    import lightning as L
-    from hydra import compose, initialize_config_dir
+def compose(config: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = hydra_compose(config, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def quiet_trainer(cfg, **kwargs):
     from hydra.utils import instantiate
 
-    overrides = [
-        f"model.name_or_path={model_dir}",
-        f"data.csv={csv_path}",
-        f"data.batch_size={batch}",
-        "trainer.max_epochs=-1",
-        *extra,
-    ] + (["trainer.precision=bf16-mixed"] if fast else [])
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    stamps: list[float] = []
-
-    class Clock(L.Callback):
-        def on_train_batch_end(self, *args):
-            stamps.append(time.perf_counter())
-
-    module = instantiate(cfg.model, optimizer=cfg.optim)
-    datamodule = instantiate(cfg.data, processor=module.processor)
-    trainer = instantiate(
+    return instantiate(
         cfg.trainer,
         logger=False,
-        callbacks=[Clock()],
-        max_steps=steps + 1,
-        limit_val_batches=0,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
+        **kwargs,
     )
+
+
+def train_hwr(
+    turns: Turns, model_dir: Path, csv_path: Path, batch: int, overrides: tuple = ()
+) -> None:
+    """train.py's path: the real configs, composed and instantiated as train.py does; then
+    a validation batch with the optimizer's state still held (what a real run's peak has)."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    cfg = compose(
+        "train",
+        [
+            f"model.name_or_path={model_dir}",
+            f"data.csv={csv_path}",
+            f"data.batch_size={batch}",
+            f"model.max_new_tokens={NEW_TOKENS}",
+            "trainer.max_epochs=-1",
+            *overrides,
+        ],
+    )
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if not turns.tick(batch):
+                trainer.should_stop = True
+
+    module = instantiate(cfg.model, optimizer=cfg.optim)
+    datamodule = instantiate(cfg.data, processor=module.processor)
+    trainer = quiet_trainer(cfg, callbacks=[Clock()], limit_val_batches=0)
+    module.check_trainer(trainer)
     trainer.fit(module, datamodule=datamodule)
-    return batch * steps / (stamps[-1] - stamps[0]), peak_mb()
+    module.model.generation_config.min_new_tokens = NEW_TOKENS
+    quiet_trainer(cfg, limit_val_batches=1).validate(module, datamodule=datamodule, verbose=False)
 
 
-# ---- inference rows ----
+# ---- reading ways ----
 
 
-def _lines(csv_path: Path, n: int) -> tuple[list, list[str]]:
-    """The first n lines' images and texts."""
-    from hwr.images import open_rgb
-
-    with csv_path.open(encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))[:n]
-    return [open_rgb(r["file_name"]) for r in rows], [r["text"] for r in rows]
-
-
-def infer_line_by_line(model_dir: Path, csv_path: Path, n: int) -> tuple[float, float]:
+def read_line_by_line(turns: Turns, model_dir: Path, csv_path: Path, n: int) -> None:
+    """from_pretrained + generate, one line at a time (what pipeline("image-to-text") did)."""
     import torch
     from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
     processor = TrOCRProcessor.from_pretrained(model_dir)
     model = VisionEncoderDecoderModel.from_pretrained(model_dir).eval()
-    images, _ = _lines(csv_path, n + 1)
-    with torch.no_grad():
-        for i, image in enumerate(images):
-            if i == 1:
-                start = time.perf_counter()  # the first line warms up
-            pixels = processor(images=image, return_tensors="pt").pixel_values
-            ids = model.generate(pixels, min_new_tokens=NEW_TOKENS, max_new_tokens=NEW_TOKENS)
-            processor.batch_decode(ids, skip_special_tokens=True)
-    return n / (time.perf_counter() - start), peak_mb()
-
-
-def infer_hwr(model_dir: Path, csv_path: Path, n: int, fast: bool) -> tuple[float, float]:
-    """predict.py's reading: hwr.model.read_images, batches of 16."""
-    from hwr.model import load_pretrained, read_images
-
-    model, processor = load_pretrained(str(model_dir), NEW_TOKENS)
-    model.eval()
-    model.generation_config.min_new_tokens = NEW_TOKENS
     images, _ = _lines(csv_path, n)
-    read_images(model, processor, images[:2], bf16=fast)  # warm-up
-    start = time.perf_counter()
-    read_images(model, processor, images, 16, bf16=fast)
-    return n / (time.perf_counter() - start), peak_mb()
+    with torch.no_grad():
+        while True:
+            for image in images:
+                pixels = processor(images=image, return_tensors="pt").pixel_values
+                ids = model.generate(pixels, min_new_tokens=NEW_TOKENS, max_new_tokens=NEW_TOKENS)
+                processor.batch_decode(ids, skip_special_tokens=True)
+            if not turns.tick(len(images)):
+                return
 
 
-def read_real_lines(model_dir: Path, csv_path: Path, n: int, fast: bool) -> tuple:
-    """Read real lines as they come (no fixed length): lines/s, peak MB and CER."""
+def read_predict(
+    turns: Turns,
+    model_dir: Path,
+    csv_path: Path,
+    n: int | None,
+    bf16: bool,
+    fixed: bool = True,
+    batch_size: int | None = None,
+) -> float:
+    """predict.py's reading (hwr.model.read_images, predict's batch size unless given), of
+    the images as predict opens them; returns the CER of the last read."""
     from hwr.metrics import TextMetrics
     from hwr.model import load_pretrained, read_images
 
-    model, processor = load_pretrained(str(model_dir))
+    cfg = compose("predict", [f"model.name_or_path={model_dir}", "inputs=-"])
+    model, processor = load_pretrained(str(model_dir), cfg.model.max_new_tokens)
     model.eval()
-    images, texts = _lines(csv_path, n)
-    read_images(model, processor, images[:2], bf16=fast)  # warm-up
-    start = time.perf_counter()
-    got, _ = read_images(model, processor, images, 128, bf16=fast)
-    speed = len(images) / (time.perf_counter() - start)
+    if fixed:
+        model.generation_config.min_new_tokens = NEW_TOKENS
+        model.generation_config.max_new_tokens = NEW_TOKENS
+    paths = _paths(csv_path, n)
+    _, texts = _lines(csv_path, n)
+    while True:
+        images = [_open(p) for p in paths]
+        got, _ = read_images(model, processor, images, batch_size or cfg.batch_size, bf16=bf16)
+        if not turns.tick(len(images)):
+            break
     metrics = TextMetrics()
     metrics.update(got, texts)
-    return speed, peak_mb(), metrics.compute()["cer"]
+    return metrics.compute()["cer"]
 
 
-def data_loading(model_dir: Path, csv_path: Path, n: int) -> tuple[float, float]:
+def _paths(csv_path: Path, n: int | None) -> list[str]:
+    with csv_path.open(encoding="utf-8") as f:
+        return [r["file_name"] for r in list(csv.DictReader(f))[:n]]
+
+
+def _open(path: str):
+    from hwr.images import open_rgb
+
+    return open_rgb(path)
+
+
+def score_validation(turns: Turns, model_dir: Path, csv_path: Path) -> float:
+    """What validation and evaluate.py run: a Lightning validation with train.py's configs
+    (all lines read, no augmentation); returns the CER."""
+    from hydra.utils import instantiate
+
+    cfg = compose("evaluate", [f"model.name_or_path={model_dir}", f"data.csv={csv_path}"])
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()  # before the processor is set: scoring reads any text, as evaluate.py
+    module = instantiate(cfg.model)
+    datamodule.processor = module.processor
+    trainer = quiet_trainer(cfg)
+    while True:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        if not turns.tick(len(datamodule.eval_lines)):
+            return float(module.metrics.compute()["cer"])
+
+
+# ---- data and synthesis ----
+
+
+def load_data(turns: Turns, model_dir: Path, csv_path: Path) -> None:
     """Decode + augment + process, with the DataLoader settings training uses."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from transformers import TrOCRProcessor
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose("train", overrides=[f"data.csv={csv_path}", "data.val_fraction=0.01"])
+    cfg = compose("train", [f"data.csv={csv_path}", "data.val_fraction=0.01"])
     dm = instantiate(cfg.data, processor=TrOCRProcessor.from_pretrained(model_dir))
     dm.setup()
-    loader = dm.train_dataloader()
-    count, start = 0, None
-    while count < n:
-        for batch in loader:
-            start = start or time.perf_counter()
-            count += len(batch["text"])
-    return count / (time.perf_counter() - start), peak_mb()
-
-
-def render_synthetic(n: int) -> tuple[float, float]:
-    """hwr.synth's lines (Faker text + rendering) in one process, after a warm-up that opens
-    the fonts and draws the common glyphs once, as a long pre-training run has."""
-    from hwr.synth import synthetic_lines
-
-    for _ in synthetic_lines(300, seed=1):
-        pass
-    start = time.perf_counter()
-    for _ in synthetic_lines(n, seed=2):
-        pass
-    return n / (time.perf_counter() - start), peak_mb()
-
-
-def _child(fn, args, queue) -> None:
-    queue.put(fn(*args))
-
-
-def run_row(fn, *args) -> tuple[float, float]:
-    """Run one measurement in a forked process; returns (lines/s, peak MB).
-
-    The parent has imported the libraries but run nothing, so a fork starts fast and
-    small, and the peak memory a row reports is that row's.
-    """
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, args, queue))
-    proc.start()
     while True:
-        try:
-            result = queue.get(timeout=5)
-            break
-        except Empty:
-            if not proc.is_alive():
-                raise RuntimeError(f"{getattr(fn, 'func', fn).__name__}{args[2:]} failed") from None
-    proc.join()
-    return result
+        for batch in dm.train_dataloader():
+            if not turns.tick(len(batch["text"])):
+                return
+
+
+def render(turns: Turns, n: int) -> None:
+    """hwr.embedded.synth's lines (Faker text + rendering), n per unit."""
+    from hwr.embedded.synth import synthetic_lines
+
+    seed = 0
+    while True:
+        seed += 1
+        for _ in synthetic_lines(n, seed=seed):
+            pass
+        if not turns.tick(n):
+            return
+
+
+# ---- the run ----
+
+
+def row_line(r: Row) -> str:
+    cer = "" if r.cer is None else f"{r.cer:.4f}"
+    return (
+        f"| {r.model} | {r.task} | {r.way} | {r.median:.2f} | ±{100 * r.spread / 2:.0f}% | "
+        f"{r.peak:.0f} | {cer} |"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps and lines (<5 min)")
+    parser.add_argument("--quick", action="store_true", help="fewer turns and lines (~5 min)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--threads", type=int, help="torch threads per way (default: torch's)")
     args = parser.parse_args()
-    # --quick: batch 2 only, one timed step, 8 lines (each row costs a process start
-    # and loading 1.3 GB; under 5 minutes on 2 cores).
-    steps, n_infer, batches = (1, 8, (2,)) if args.quick else (4, 16, (2, 8))
+    turns, batches, n_read, n_real = (3, (2,), 4, 64) if args.quick else (5, (2, 8), 8, 256)
 
-    import hydra  # noqa: F401  (imported once here; every row's fork inherits them)
+    import hydra  # noqa: F401  (imported once here; every way's fork inherits them)
     import lightning  # noqa: F401
     import torch
     import transformers  # noqa: F401
 
-    import hwr.model  # noqa: F401
+    import hwr.model
 
-    rows = []
+    threads = args.threads or torch.get_num_threads()
     began = time.perf_counter()
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        models = run_row(build_models, root)  # in a child: this process stays small
-        csv_path = write_lines(root, 64)
-        for arch, model_dir in models.items():
-            arch_batches = batches if arch == "trocr-base" else (8, 32)[: len(batches)]
-            if arch == "embedded":
-                n_real = 64 if args.quick else 256
-                unseen = write_lines(root, n_real, unseen=True)
-                for name, fast in (("float32", False), ("bf16", True)):
-                    speed, mem, cer = run_row(read_real_lines, model_dir, unseen, n_real, fast)
-                    rows.append((arch, "read unseen writers", name, speed, mem, cer))
-            for b in arch_batches:
-                arch_steps = steps if arch == "trocr-base" else 10
-                for name, fn in (
-                    ("(a) Seq2SeqTrainer", partial(train_seq2seq)),
-                    ("(b) hwr defaults", partial(train_hwr, fast=False)),
-                    ("(c) hwr bf16", partial(train_hwr, fast=True)),
-                ):
-                    speed, mem = run_row(fn, model_dir, csv_path, b, arch_steps)
-                    rows.append((arch, f"train b={b}", name, speed, mem, None))
-                    print(rows[-1], file=sys.stderr, flush=True)
-            if arch == "trocr-base":
-                fn = partial(train_hwr, fast=True, extra=("optim=adafactor",))
-                speed, mem = run_row(fn, model_dir, csv_path, batches[0], steps)
-                rows.append(
-                    (
-                        arch,
-                        f"train b={batches[0]}",
-                        "(c) hwr bf16, optim=adafactor",
-                        speed,
-                        mem,
-                        None,
-                    )
-                )
-            n = n_infer if arch == "trocr-base" else 64
-            for name, fn in (
-                ("(a) line by line", infer_line_by_line),
-                ("(b) hwr batched", partial(infer_hwr, fast=False)),
-                ("(c) hwr batched bf16", partial(infer_hwr, fast=True)),
-            ):
-                speed, mem = run_row(fn, model_dir, csv_path, n)
-                rows.append((arch, "infer", name, speed, mem, None))
-                print(rows[-1], file=sys.stderr, flush=True)
-        speed, mem = run_row(data_loading, models["trocr-base"], csv_path, 64)
-        rows.append(("any", "data", "decode+augment+process, 2 workers", speed, mem, None))
-        speed, mem = run_row(render_synthetic, 500 if args.quick else 2000)
-        rows.append(("any", "synth", "render lines, 1 process", speed, mem, None))
+        ctx = mp.get_context("fork")  # built in a child: this process stays small
+        proc = ctx.Process(target=build_models, args=(root,))
+        proc.start()
+        proc.join()
+        base, hub = root / "trocr-base", root / "trocr-base-hub"
+        lines = write_lines(root, 64)
+        unseen = write_lines(root, n_real, unseen=True)
+        embedded = hwr.model.embedded_path()
 
-    def find(arch, task, prefix):
-        return next(r[3] for r in rows if r[0] == arch and r[1] == task and r[2].startswith(prefix))
+        def run(model, task, ways, **kw):
+            rows.extend(compare(model, task, ways, turns, threads, **kw))
+            return rows[-len(ways) :]
 
+        train_rows = {}
+        for b in batches:
+            train_rows[b] = run(
+                "trocr-base",
+                f"train b={b}",
+                {
+                    "(a) Seq2SeqTrainer": (train_seq2seq, (base, lines, b)),
+                    "(b) hwr defaults": (train_hwr, (base, lines, b)),
+                    "(c) hwr bf16": (
+                        train_hwr,
+                        (base, lines, b, ("trainer.precision=bf16-mixed",)),
+                    ),
+                },
+            )
+        read_rows = run(
+            "trocr-base",
+            "read",
+            {
+                "(a) line by line": (read_line_by_line, (base, lines, n_read)),
+                "(b) hwr batched": (read_predict, (base, lines, 2 * n_read, False)),
+                "(c) hwr batched bf16": (read_predict, (base, lines, 2 * n_read, True)),
+            },
+        )
+        hub_rows = run(
+            "trocr-base",
+            "hub",
+            {
+                "saved today": (read_predict, (base, lines, n_read, False)),
+                "hub's files": (read_predict, (hub, lines, n_read, False)),
+            },
+        )
+        score_rows = run(
+            "embedded",
+            "score",
+            {
+                "validation": (score_validation, (embedded, unseen)),
+                "predict": (read_predict, (embedded, unseen, None, False, False)),
+            },
+        )
+        run(
+            "embedded",
+            "unseen",
+            {
+                "float32": (read_predict, (embedded, unseen, None, False, False, 128)),
+                "bf16": (read_predict, (embedded, unseen, None, True, False, 128)),
+            },
+        )
+        if not args.quick:
+            run(
+                "embedded",
+                "train b=32",
+                {
+                    "(a) Seq2SeqTrainer": (train_seq2seq, (embedded, lines, 32)),
+                    "(b) hwr defaults": (train_hwr, (embedded, lines, 32, ("model=embedded",))),
+                    "(c) hwr bf16": (
+                        train_hwr,
+                        (embedded, lines, 32, ("model=embedded", "trainer.precision=bf16-mixed")),
+                    ),
+                },
+                per_turn=4,
+            )
+        run("any", "data", {"decode+augment+process": (load_data, (base, lines))}, per_turn=8)
+        run("any", "synth", {"render lines": (render, (200,))})
+
+    train_ratio = turn_ratio(train_rows[2], "(c)", "(a)")
+    read_ratio = turn_ratio(read_rows, "(c)", "(a)")
     table = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {threads} threads, {turns} turns, "
         f"{'quick' if args.quick else 'full'} run of {time.perf_counter() - began:.0f} s",
         "",
-        "| model | task | way | lines/s | peak MB | CER |",
-        "|---|---|---|---|---|---|",
-        *(
-            f"| {a} | {t} | {w} | {s:.2f} | {m:.0f} | {'' if c is None else f'{c:.4f}'} |"
-            for a, t, w, s, m, c in rows
-        ),
-    ]
-    train_ratio = find("trocr-base", f"train b={batches[0]}", "(c)") / find(
-        "trocr-base", f"train b={batches[0]}", "(a)"
-    )
-    infer_ratio = find("trocr-base", "infer", "(c)") / find("trocr-base", "infer", "(a)")
-    data_ratio = find("any", "data", "decode") / max(
-        find("trocr-base", f"train b={batches[0]}", "(c)"), 1e-9
-    )
-    table += [
+        "| model | task | way | lines/s | spread | peak MB | CER |",
+        "|---|---|---|---|---|---|---|",
+        *(row_line(r) for r in rows),
         "",
-        f"data loading feeds {data_ratio:.0f}x what TrOCR-base training (c) consumes",
-        f"ratios: train {train_ratio:.2f} infer {infer_ratio:.2f}",
+        f"hub's files / saved today: {turn_ratio(hub_rows, 'hub', 'saved'):.2f}; "
+        f"validation / predict: {turn_ratio(score_rows, 'validation', 'predict'):.2f}; "
+        f"(b) / (a) peak memory at batch 2: {train_rows[2][1].peak / train_rows[2][0].peak:.2f}",
+        f"ratios: train {train_ratio:.2f} infer {read_ratio:.2f}",
     ]
     text = "\n".join(table)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "speed_quick" if args.quick else "speed"
     (args.out / f"{name}.md").write_text(text + "\n", encoding="utf-8")
     with (args.out / f"{name}.csv").open("w", encoding="utf-8", newline="") as f:
-        csv.writer(f).writerows([("model", "task", "way", "lines_per_s", "peak_mb", "cer"), *rows])
+        writer = csv.writer(f)
+        writer.writerow(["model", "task", "way", "lines_per_s", "spread", "peak_mb", "cer"])
+        for r in rows:
+            writer.writerow([r.model, r.task, r.way, r.median, r.spread, r.peak, r.cer])
     print(text)
 
 

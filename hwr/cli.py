@@ -66,18 +66,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.verb == "import-xml":
-        from hwr.xml_import import import_pages
+        from hwr.pages.xml_import import import_pages
 
         xmls = sorted(args.pages.rglob("*.xml"))
         if not xmls:
             raise SystemExit(f"hwr import-xml: no .xml files under {args.pages}")
         import_pages(xmls, args.out)
     elif args.verb == "segment":
-        from hwr.segment import segment_pages
+        from hwr.pages.segment import segment_pages
 
         segment_pages(args.images, args.out)
     elif args.verb == "label":
-        from hwr.label import serve
+        from hwr.pages.label import serve
 
         serve(args.csv, model=args.model, port=args.port, open_browser=not args.no_browser)
 

@@ -24,7 +24,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from hwr.errors import UserError, require_count
-from hwr.images import line_problem, open_rgb
+from hwr.images import line_problem, open_rgb, reading_order
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class Line:
     file_name: str  # as written in the CSV
     split: str | None = None
     group: str | None = None
+    size: tuple[int, int] | None = None  # width, height in pixels
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,14 @@ class BadRowsError(UserError):
 UNWRITABLE = "the model cannot write"
 
 
-def _check_image(path: Path) -> str | None:
+def _check_image(path: Path) -> tuple[str | None, tuple[int, int] | None]:
     """Decode the whole image (a truncated file only fails when its pixels are read) as the
-    model will see it, and check that it can be a line."""
+    model will see it, and check that it can be a line; also its size."""
     try:
         image = open_rgb(path)
     except Exception as e:  # PIL raises many types for broken files
-        return f"unreadable image ({type(e).__name__}: {e})"
-    return line_problem(image)
+        return f"unreadable image ({type(e).__name__}: {e})", None
+    return line_problem(image), image.size
 
 
 def text_checker(tokenizer, max_tokens: int) -> Callable[[str], str | None]:
@@ -97,7 +98,7 @@ def text_checker(tokenizer, max_tokens: int) -> Callable[[str], str | None]:
         missing = list(dict.fromkeys(ch for ch in text if lacks[ch]))  # as they come
         if missing:
             return f"{UNWRITABLE} the character(s) {' '.join(missing)} (not in its tokenizer)"
-        n = len(tokenizer(text).input_ids)
+        n = len(label_ids(tokenizer, text))
         if n > max_tokens:
             return (
                 f"{UNWRITABLE} a line this long: {n} tokens, it writes at most {max_tokens} "
@@ -157,7 +158,7 @@ def read_lines(
         label = (record.get(text_column) or "").strip()
         split = (record.get(split_column) or "").strip().lower() or None
         group = (record.get(group_by) or "").strip() if group_by else None
-        path = Path(file_name)
+        path, size = Path(file_name), None
         if not path.is_absolute():
             path = (root / path).resolve()
         if not file_name:
@@ -175,14 +176,15 @@ def read_lines(
         elif not path.is_file():
             reason = f"file not found ({path})"
         else:
-            reason = _check_image(path) or (check_text and check_text(label))
+            reason, size = _check_image(path)
+            reason = reason or (check_text and check_text(label))
         if reason and allow_unwritable and reason.startswith(UNWRITABLE):
             allowed.append(BadRow(row, file_name, reason))
         elif reason:
             bad.append(BadRow(row, file_name, reason))
             continue
         seen[path] = row
-        lines.append(Line(path, label, row, file_name, split, group))
+        lines.append(Line(path, label, row, file_name, split, group, size))
 
     if bad and not skip_bad_rows:
         raise BadRowsError(csv_path, bad)
@@ -252,7 +254,11 @@ def build_augment(augment: Mapping[str, Callable | None] | None) -> Callable | N
 
 
 class LineDataset(Dataset):
-    """Line images as model inputs: (augmented) image -> processor pixels, text -> token ids."""
+    """Line images as model inputs: (augmented) image -> processor pixels, text -> token ids.
+
+    `order` serves the lines in another order (e.g. `reading_order`); an item's "index" is
+    still its line's place in `lines`.
+    """
 
     def __init__(
         self,
@@ -260,21 +266,40 @@ class LineDataset(Dataset):
         processor,
         transform: Callable | None = None,
         max_target_length: int = 256,
+        order: Sequence[int] | None = None,
     ) -> None:
         self.lines = list(lines)
         self.processor = processor
         self.transform = transform
         self.max_target_length = max_target_length
+        self.order = list(range(len(self.lines)) if order is None else order)
 
     def __len__(self) -> int:
-        return len(self.lines)
+        return len(self.order)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, k: int) -> dict:
+        i = self.order[k]
         line = self.lines[i]
         image = open_rgb(line.image)
         if self.transform is not None:
             image = self.transform(image)
         return encode_line(self.processor, image, line.text, i, self.max_target_length)
+
+
+def label_ids(tokenizer, text: str, max_length: int | None = None) -> list[int]:
+    """A line's target tokens as TrOCR was pre-trained on them: `t1 .. tn </s>`, no `<s>`.
+
+    fairseq's TrOCR (microsoft/unilm, trocr/data.py: collate_tokens with
+    move_eos_to_beginning=True) fed the decoder `</s> t1 .. tn` and trained it to write
+    `t1 .. tn </s>`; the model shifts these labels right behind decoder_start_token_id
+    (`</s>`) to make that input. The tokenizer's own `<s> t1 .. tn </s>` would first teach
+    the model to write `<s>` after `</s>`, and move every character one place on
+    (huggingface/transformers#22768). A line cut at max_length still ends with `</s>`.
+    """
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if max_length is not None:
+        ids = ids[: max_length - 1]
+    return [*ids, tokenizer.eos_token_id]
 
 
 def encode_line(
@@ -283,9 +308,7 @@ def encode_line(
     """One line as the model takes it: processor pixels, token ids; index and text kept."""
     return {
         "pixel_values": processor(images=image, return_tensors="pt").pixel_values[0],
-        "labels": torch.tensor(
-            processor.tokenizer(text, truncation=True, max_length=max_target_length).input_ids
-        ),
+        "labels": torch.tensor(label_ids(processor.tokenizer, text, max_target_length)),
         "index": index,
         "text": text,
     }
@@ -432,6 +455,8 @@ class LineDataModule(L.LightningDataModule):
         return self._loader(dataset, self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        dataset = LineDataset(self.eval_lines, self.processor, None, self.hparams.max_target_length)
+        lines = self.eval_lines
+        order = reading_order([line.size for line in lines]) if all(x.size for x in lines) else None
+        dataset = LineDataset(lines, self.processor, None, self.hparams.max_target_length, order)
         size = self.hparams.eval_batch_size or self.hparams.batch_size
         return self._loader(dataset, size, shuffle=False)

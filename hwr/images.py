@@ -7,6 +7,7 @@ background all black, and both would be trained on without a word.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +76,10 @@ def is_page(image: Image.Image) -> bool:
     """Line images are wide and short: a page is taller than half its width and
     PAGE_MIN_HEIGHT px high at least (a one-word line crop can be nearly square)."""
     return image.height > 0.5 * image.width and image.height >= PAGE_MIN_HEIGHT
+
+
+def reading_order(sizes: Sequence[tuple[int, int]]) -> list[int]:
+    """Line images' indices by width-to-height, the order every reader batches them in
+    (validation, evaluate.py, predict): lines of a shape hold about as many characters, so
+    a batch finishes decoding at about the same step instead of waiting for its longest."""
+    return sorted(range(len(sizes)), key=lambda i: sizes[i][0] / sizes[i][1])

@@ -25,13 +25,14 @@ from transformers import (
     VisionEncoderDecoderModel,
     get_linear_schedule_with_warmup,
 )
+from transformers.modeling_outputs import BaseModelOutput
 
 from hwr.embedded import embedded_path
+from hwr.embedded.tiny import build_tiny
 from hwr.errors import UserError, require_count
-from hwr.images import open_rgb
+from hwr.images import open_rgb, reading_order
 from hwr.metrics import TextMetrics
 from hwr.report import umask, write_json
-from hwr.tiny import build_tiny
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +134,11 @@ def wire_token_ids(
 ) -> None:
     """Set the token ids training and generation need, once, from the tokenizer.
 
-    TrOCR was pre-trained to start decoding from `</s>` (id 2), not `<s>`; the labels
-    then begin with `<s>`. Hub configs leave some of these unset, and generation's
-    default of 20 tokens would cut lines short. They also say `"use_cache": false` for
-    the decoder, which generation copies: every step would re-read the whole line so far
-    (3x slower at TrOCR-base size).
+    TrOCR was pre-trained to start decoding from `</s>` (id 2), not `<s>`, and to write
+    the first character next (labels: `hwr.data.label_ids`). Hub configs leave some of
+    these unset, and generation's default of 20 tokens would cut lines short. They also
+    say `"use_cache": false` for the decoder, which generation copies: every step would
+    re-read the whole line so far (3x slower at TrOCR-base size).
     """
     tok = processor.tokenizer
     for config in (model.config, model.generation_config):
@@ -156,12 +157,14 @@ def wire_token_ids(
 def read_batch(
     model: VisionEncoderDecoderModel,
     processor: TrOCRProcessor,
-    pixel_values: torch.Tensor,
+    pixel_values: torch.Tensor | None,
     num_beams: int = 1,
     max_new_tokens: int | None = None,
     confidence: bool = True,
+    encoder_outputs: BaseModelOutput | None = None,
 ) -> tuple[list[str], list[float] | None]:
-    """Decode a batch of processed line images; also each line's confidence, if asked.
+    """Decode a batch of processed line images (or the encoder's outputs for them, when
+    already computed); also each line's confidence, if asked.
 
     Confidence is the geometric mean of the chosen tokens' probabilities, end token
     included: 1.0 when the model is sure of every character, lower where it hesitated.
@@ -170,8 +173,10 @@ def read_batch(
     # An explicit max_new_tokens=None would mean transformers' default of 20 tokens, not the
     # model's generation config: pass it only when set.
     limit = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    given = {"pixel_values": pixel_values} if encoder_outputs is None else {}
     out = model.generate(
-        pixel_values,
+        **given,
+        encoder_outputs=encoder_outputs,
         num_beams=num_beams,
         **limit,
         output_scores=confidence,
@@ -198,13 +203,10 @@ def read_images(
     max_new_tokens: int | None = None,
     bf16: bool = False,
 ) -> tuple[list[str], list[float]]:
-    """Read line images in batches, on the model's device; texts and confidences in order.
-
-    Lines of similar width-to-height go together: they tend to hold as many characters,
-    so a batch's lines finish decoding at about the same step.
-    """
+    """Read line images in batches (in `reading_order`), on the model's device; texts and
+    confidences in the images' order."""
     device = next(model.parameters()).device
-    order = sorted(range(len(images)), key=lambda i: images[i].width / images[i].height)
+    order = reading_order([image.size for image in images])
     texts, confidences = [""] * len(images), [0.0] * len(images)
     for start in tqdm(range(0, len(order), batch_size), desc="reading", unit="batch"):
         idx = order[start : start + batch_size]
@@ -267,6 +269,8 @@ class TrOCRModule(L.LightningModule):
         compile_encoder: bool = False,
         freeze: Sequence[str] = (),
         adapter: PeftConfig | None = None,
+        gradient_checkpointing: bool = False,
+        step_in_backward: bool = False,
     ) -> None:
         super().__init__()
         # Checked before the model loads: a bad setting should not cost a minute.
@@ -301,6 +305,13 @@ class TrOCRModule(L.LightningModule):
         # parameters without gradients.
         if getattr(self.model.encoder, "pooler", None) is not None:
             self.model.encoder.pooler.requires_grad_(False)
+        if gradient_checkpointing:
+            # Keeps each layer's input and recomputes the rest during backward (a third more
+            # compute); the random state is replayed, so training is the same.
+            self.plain_model.activation_checkpointing_enable()
+        # Stepping in backward, Lightning must not step (or clip, or accumulate) itself.
+        self.automatic_optimization = not step_in_backward
+        self._step_hooks: list = []
         if compile_encoder:
             # In place, so state_dict keys (checkpoints, export) stay as they are. The
             # encoder sees one image size; the decoder's growing cache would recompile.
@@ -326,9 +337,13 @@ class TrOCRModule(L.LightningModule):
         return self.model
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values, labels=labels).loss
+        # No key/value cache: one pass over the whole line needs none, and it would hold
+        # every layer's keys and values until the step ends.
+        return self.model(pixel_values=pixel_values, labels=labels, use_cache=False).loss
 
-    def read(self, pixel_values: torch.Tensor) -> list[str]:
+    def read(
+        self, pixel_values: torch.Tensor | None, encoder_outputs: BaseModelOutput | None = None
+    ) -> list[str]:
         """Greedy (or beam) decoding of a batch of processed line images."""
         texts, _ = read_batch(
             self.model,
@@ -337,13 +352,51 @@ class TrOCRModule(L.LightningModule):
             self.hparams.num_beams,
             self.hparams.max_new_tokens,
             confidence=False,
+            encoder_outputs=encoder_outputs,
         )
         return texts
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch["pixel_values"], batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["text"]))
+        if not self.automatic_optimization:
+            self.manual_backward(loss)  # every parameter steps as its gradient completes
+            self.optimizers().step()  # no gradient is left to apply: counts the step
+            self.lr_schedulers().step()
         return loss
+
+    def check_trainer(self, trainer: L.Trainer) -> None:
+        """Settings that cannot go with stepping in backward, named as hwr's configs name them
+        (Lightning would stop at fit with its own names)."""
+        if self.automatic_optimization:
+            return
+        if trainer.world_size > 1:
+            # DDP averages each gradient over the processes after backward: a step inside
+            # backward would use this process's gradient alone.
+            log.warning(
+                "model.step_in_backward is off for this run: under DDP (%d processes) "
+                "gradients are averaged only after backward.",
+                trainer.world_size,
+            )
+            self.automatic_optimization = True
+            return
+        clashes = {
+            "trainer.gradient_clip_val": trainer.gradient_clip_val,
+            "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches != 1
+            and trainer.accumulate_grad_batches,
+        }
+        for name, value in clashes.items():
+            if value:
+                raise UserError(
+                    f"{name}={value} needs every gradient at once, but model.step_in_backward "
+                    f"frees each one as soon as it is used (to save memory): set "
+                    f"model.step_in_backward=false, or leave out {name}."
+                )
+        if str(trainer.precision) == "16-mixed":
+            raise UserError(
+                "trainer.precision=16-mixed scales the loss, which model.step_in_backward "
+                "cannot undo: use bf16-mixed, or model.step_in_backward=false."
+            )
 
     def on_validation_epoch_start(self) -> None:
         self.metrics.reset()
@@ -351,9 +404,11 @@ class TrOCRModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         size = len(batch["text"])
-        loss = self(batch["pixel_values"], batch["labels"])
+        # The encoder reads the images once, for the loss and for decoding.
+        encoded = self.plain_model.encoder(pixel_values=batch["pixel_values"])
+        loss = self.model(encoder_outputs=encoded, labels=batch["labels"], use_cache=False).loss
         self.log("val/loss", loss, batch_size=size, sync_dist=True)
-        preds = self.read(batch["pixel_values"])
+        preds = self.read(None, encoded)
         per_line = self.metrics.update(preds, batch["text"])
         for i, pred, cer in zip(batch["index"].tolist(), preds, per_line.tolist(), strict=True):
             self.predictions[i] = (pred, cer)
@@ -391,7 +446,20 @@ class TrOCRModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         if self.optimizer is None:
             raise ValueError("TrOCRModule needs an optimizer to train (the optim config group).")
-        optimizer = self.optimizer(params=[p for p in self.parameters() if p.requires_grad])
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer(params=params)
+        for hook in self._step_hooks:
+            hook.remove()
+        if not self.automatic_optimization:
+            # Each parameter steps as soon as its gradient is complete, and the gradient is
+            # freed: a model's worth of gradients is never held at once (for TrOCR-base,
+            # 1.3 GB). At that moment it is the only parameter with a gradient, so the one
+            # optimizer steps it alone, and its state and schedule stay as they would be.
+            def step(param: torch.nn.Parameter) -> None:
+                optimizer.step()
+                param.grad = None
+
+            self._step_hooks = [p.register_post_accumulate_grad_hook(step) for p in params]
         total = self.trainer.estimated_stepping_batches
         scheduler = get_linear_schedule_with_warmup(
             optimizer, int(self.hparams.warmup_ratio * total), total

@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from hwr.errors import UserError, hydra_task, require_count
 from hwr.images import PAGE_MIN_HEIGHT, is_page, open_rgb, too_small
 from hwr.model import load_pretrained, read_images
+from hwr.pages.segment import Segmenter, crop_lines, page_boxes
+from hwr.pages.xml_import import IMAGE_SUFFIXES
 from hwr.report import write_json, write_text
-from hwr.segment import Segmenter, crop_lines, page_boxes
-from hwr.xml_import import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

@@ -84,6 +84,7 @@ def train(cfg: DictConfig) -> float:
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     logger = instantiate(cfg.logger) if cfg.logger else False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    module.check_trainer(trainer)
 
     if ckpt is None:
         log.info("Scoring the base model %s", cfg.model.name_or_path)

@@ -9,19 +9,16 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from safetensors.torch import load_file
-from transformers import GenerationConfig, TrOCRProcessor
+from transformers import GenerationConfig
 
-from hwr.synth import SAMPLE_TEXT, write_sample
-from hwr.tiny import TROCR_BASE, bpe_tokenizer, trocr_layout
+from hwr.embedded.synth import SAMPLE_TEXT, write_sample
+from hwr.embedded.tiny import TROCR_BASE, bpe_tokenizer, save_hub_layout, trocr_layout
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CSV = REPO / "line_data" / "lines.csv"
@@ -66,55 +63,8 @@ def trocr_miniature(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trocr_hub_layout(trocr_miniature: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The miniature in the files microsoft/trocr-base-handwritten has on the hub.
-
-    vocab.json + merges.txt and no tokenizer.json; an old ViTFeatureExtractor
-    preprocessor_config.json with an int size; a v4 config.json whose decoder says
-    "use_cache": false, no generation_config.json; pytorch_model.bin holding the output
-    projection beside the embeddings it is tied to, and no encoder pooler.
-    """
-    out = tmp_path_factory.mktemp("trocr-hub-layout")
-    tokenizer = TrOCRProcessor.from_pretrained(trocr_miniature).tokenizer
-    tokenizer.backend_tokenizer.model.save(str(out))  # vocab.json, merges.txt
-    specials = {
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "sep_token": "</s>",
-        "pad_token": "<pad>",
-        "cls_token": "<s>",
-        "mask_token": "<mask>",
-    }
-    write(out / "tokenizer_config.json", {"tokenizer_class": "RobertaTokenizer", **specials})
-    write(out / "special_tokens_map.json", specials)
-    image = json.loads((trocr_miniature / "processor_config.json").read_text())["image_processor"]
-    write(
-        out / "preprocessor_config.json",
-        {
-            "do_normalize": True,
-            "do_resize": True,
-            "feature_extractor_type": "ViTFeatureExtractor",
-            "image_mean": image["image_mean"],
-            "image_std": image["image_std"],
-            "resample": 2,
-            "size": image["size"]["height"],
-        },
-    )
-    config = json.loads((trocr_miniature / "config.json").read_text())
-    config["transformers_version"] = "4.12.0.dev0"
-    config["decoder"]["use_cache"] = False
-    write(out / "config.json", config)
-    weights = load_file(trocr_miniature / "model.safetensors")
-    weights = {k: v for k, v in weights.items() if ".pooler." not in k}
-    weights["decoder.output_projection.weight"] = weights[
-        "decoder.model.decoder.embed_tokens.weight"
-    ]
-    torch.save(weights, out / "pytorch_model.bin")
-    return out
-
-
-def write(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2))
+    """The miniature in the files microsoft/trocr-base-handwritten has on the hub."""
+    return save_hub_layout(trocr_miniature, tmp_path_factory.mktemp("trocr-hub-layout"))
 
 
 @pytest.fixture

@@ -195,11 +195,12 @@ def test_labels_are_padded_with_minus_100(trocr_miniature: Path):
     dm.setup()
     batch = collate([dm.val_dataloader().dataset[i] for i in (0, 8)])
     labels = batch["labels"]
-    lengths = [len(processor.tokenizer(t).input_ids) for t in batch["text"]]
+    lengths = [
+        len(processor.tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in batch["text"]
+    ]
     assert labels.shape == (2, max(lengths))
     short = lengths.index(min(lengths))
     assert (labels[short, min(lengths) :] == -100).all()
-    assert labels[short, 0] == processor.tokenizer.bos_token_id
     assert labels[short, min(lengths) - 1] == processor.tokenizer.eos_token_id
     assert batch["pixel_values"].shape == (2, 3, 384, 384)
 
@@ -211,3 +212,18 @@ def test_real_line_sets_load_as_they_are(name: str, group: str):
     parts = split_lines(lines, 0.2, seed=0)
     assert {x.group for x in parts["train"]}.isdisjoint({x.group for x in parts["val"]})
     assert 0.15 < len(parts["val"]) / len(lines) < 0.25
+
+
+def test_validation_reads_lines_of_a_shape_together(trocr_miniature: Path):
+    """Like predict, validation and evaluate.py batch lines by width-to-height (a batch
+    waits for its longest line), and each item keeps its line's index."""
+    processor = TrOCRProcessor.from_pretrained(trocr_miniature)
+    dm = LineDataModule(str(SAMPLE_CSV), processor=processor, eval_split="all", eval_batch_size=8)
+    dm.setup()
+    lines = dm.eval_lines
+    served = [i for batch in dm.val_dataloader() for i in batch["index"].tolist()]
+    assert sorted(served) == list(range(len(lines)))
+    aspects = [lines[i].size[0] / lines[i].size[1] for i in served]
+    assert aspects == sorted(aspects) and aspects != [w / h for w, h in (x.size for x in lines)]
+    first = dm.val_dataloader().dataset[0]
+    assert first["text"] == lines[first["index"]].text

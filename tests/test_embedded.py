@@ -14,12 +14,12 @@ from PIL import Image
 
 from hwr.data import read_lines
 from hwr.embedded import IMAGE_SIZE, WEIGHTS
+from hwr.embedded.pretrain import is_boilerplate, real_datasets, writer_split
+from hwr.embedded.pretrain import main as pretrain
+from hwr.embedded.synth import HELD_OUT_FONTS, TRAIN_FONTS, TextSource, render_line, synthetic_lines
+from hwr.embedded.tiny import ALPHABET
 from hwr.metrics import TextMetrics
 from hwr.model import load_pretrained, read_images
-from hwr.pretrain import is_boilerplate, real_datasets, writer_split
-from hwr.pretrain import main as pretrain
-from hwr.synth import HELD_OUT_FONTS, TRAIN_FONTS, TextSource, render_line, synthetic_lines
-from hwr.tiny import ALPHABET
 
 from .conftest import SAMPLE_CSV, SHARED_DATA
 
@@ -108,7 +108,7 @@ def test_blend_saves_a_mix_of_the_init_and_the_trained_weights(tmp_path: Path):
 
 
 def test_synth_cli_writes_the_same_lines_with_any_number_of_workers(tmp_path: Path):
-    from hwr.synth import main as synth
+    from hwr.embedded.synth import main as synth
 
     for workers in (1, 2):
         synth(["--out", str(tmp_path / f"w{workers}"), "--lines", "150", "--workers", str(workers)])

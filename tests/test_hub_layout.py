@@ -11,8 +11,8 @@ import torch
 from transformers import VisionEncoderDecoderModel
 from transformers.utils import logging as hf_logging
 
+from hwr.embedded.synth import SAMPLE_TEXT
 from hwr.model import TrOCRModule, load_pretrained
-from hwr.synth import SAMPLE_TEXT
 
 
 @pytest.fixture(params=["saved", "hub"])

@@ -12,8 +12,9 @@ from PIL import Image
 from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
 from hwr.data import LineDataModule
+from hwr.embedded.synth import SAMPLE_TEXT, write_sample
+from hwr.errors import UserError
 from hwr.model import ModelUnavailableError, TrOCRModule, export, load_pretrained
-from hwr.synth import SAMPLE_TEXT, write_sample
 
 from .conftest import SAMPLE_CSV
 
@@ -78,6 +79,36 @@ def test_tiny_model_overfits_eight_lines(tmp_path: Path):
     scores = module.metrics.compute()
     assert scores["n_lines"] == 8
     assert scores["cer"] < 0.05, module.predictions
+    # Read in reading order, each line's text is kept under its own index.
+    lines = dm.eval_lines
+    assert sum(module.predictions[i][0] == lines[i].text for i in range(8)) >= 6
+    # Trained as TrOCR was: after the start token </s> it writes the first character.
+    batch = next(iter(dm.val_dataloader()))
+    module.model.eval()
+    ids = module.model.generate(batch["pixel_values"][:2], max_new_tokens=4)
+    first = module.processor.tokenizer.batch_decode(ids[:, 1:2])
+    assert ids[:, 0].tolist() == [2, 2] and first == [t[0] for t in batch["text"][:2]]
+
+
+@pytest.mark.parametrize("name", ["trocr", "embedded"])
+def test_labels_follow_trocr_pretraining(name: str, trocr_miniature: Path):
+    """The decoder reads `</s> t1 .. tn` and learns to write `t1 .. tn </s>`, as fairseq
+    pre-trained TrOCR (microsoft/unilm trocr/data.py, move_eos_to_beginning=True); the
+    tokenizer's `<s> t1 .. tn </s>` would teach every fine-tune to write `<s>` first."""
+    model, processor = load_pretrained(str(trocr_miniature) if name == "trocr" else name)
+    tok = processor.tokenizer
+    dm = LineDataModule(str(SAMPLE_CSV), processor=processor, eval_split="all", batch_size=2)
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    labels = batch["labels"]
+    text = tok(batch["text"][0], add_special_tokens=False).input_ids
+    assert labels[0, : len(text) + 1].tolist() == [*text, tok.eos_token_id]
+    seen = []
+    model.decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True
+    )
+    model(pixel_values=batch["pixel_values"], labels=labels)
+    assert seen[0][0, : len(text) + 1].tolist() == [tok.eos_token_id, *text]
 
 
 def test_export_round_trip_reads_the_same(trocr_miniature: Path, tmp_path: Path):
@@ -161,3 +192,49 @@ def test_a_folder_missing_files_is_named_with_what_to_do(tmp_path: Path, missing
     message = str(err.value)
     assert message.startswith(f"model.name_or_path={out}: the folder holds a model that could")
     assert "save_pretrained" in message and "Offline options" not in message
+
+
+def test_memory_savings_train_the_same(tmp_path: Path):
+    """Gradient checkpointing and stepping in backward (TrOCR-base's defaults) save memory,
+    not accuracy: after the same steps, the same weights as plain AdamW."""
+    csv_path = write_sample(tmp_path, SAMPLE_TEXT.splitlines()[:8])
+
+    def train(**savings: bool) -> tuple[dict, int]:
+        L.seed_everything(0)
+        module = TrOCRModule(
+            "tiny", optimizer=partial(torch.optim.AdamW, lr=1e-3), max_new_tokens=32, **savings
+        )
+        dm = LineDataModule(str(csv_path), processor=module.processor, batch_size=4)
+        trainer = L.Trainer(
+            max_steps=3,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        module.check_trainer(trainer)
+        start = {k: v.clone() for k, v in module.model.state_dict().items()}
+        trainer.fit(module, datamodule=dm)
+        after = module.model.state_dict()
+        assert not all(torch.equal(start[k], after[k]) for k in start)
+        return after, trainer.global_step
+
+    plain, steps = train()
+    saving, steps_saving = train(gradient_checkpointing=True, step_in_backward=True)
+    assert steps == steps_saving == 3
+    for name, weight in plain.items():
+        torch.testing.assert_close(saving[name], weight, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("setting", "trainer_args"),
+    [
+        ("trainer.gradient_clip_val=1.0", {"gradient_clip_val": 1.0}),
+        ("trainer.accumulate_grad_batches=4", {"accumulate_grad_batches": 4}),
+    ],
+)
+def test_settings_that_need_every_gradient_are_named(setting: str, trainer_args: dict):
+    module = TrOCRModule("tiny", step_in_backward=True)
+    with pytest.raises(UserError, match=rf"{setting} .*model\.step_in_backward=false"):
+        module.check_trainer(L.Trainer(logger=False, **trainer_args))

@@ -160,7 +160,7 @@ def test_learning_curve_sweep_writes_the_curve(tmp_path: Path):
 def test_label_prefills_with_the_newest_model_tuned_on_the_csv(tmp_path: Path):
     import os
 
-    from hwr.label import newest_tuned_model
+    from hwr.pages.label import newest_tuned_model
     from hwr.report import write_json
 
     csv_path = tmp_path / "lines.csv"

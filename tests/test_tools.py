@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hwr.label import LabelStore, make_server
-from hwr.segment import Box, ProjectionSegmenter, count_matches, page_boxes
-from hwr.synth import SAMPLE_TEXT, render_line
-from hwr.xml_import import import_pages, read_page
+from hwr.embedded.synth import SAMPLE_TEXT, render_line
+from hwr.pages.label import LabelStore, make_server
+from hwr.pages.segment import Box, ProjectionSegmenter, count_matches, page_boxes
+from hwr.pages.xml_import import import_pages, read_page
 
 from .conftest import REPO, SHARED_DATA
 

@@ -3,8 +3,10 @@ in the repository, so `model=embedded` reads handwriting with no network.
 
 Shaped for text lines: the image processor squashes a line to 40x640, and the ViT cuts
 it into 128 full-height 40x5 strips (one row of patches), so the encoder spends its
-compute along the line; a TrOCR decoder writes one character per step. `hwr.pretrain`
-trains it; `build_embedded` gives the untrained layout it starts from.
+compute along the line; a TrOCR decoder writes one character per step.
+`hwr.embedded.pretrain` trains it on lines rendered by `hwr.embedded.synth` and real ones;
+`build_embedded` gives the untrained layout it starts from. `hwr.embedded.tiny` builds
+TrOCR-layout models from configs (the tiny one, and TrOCR's own shape for tests).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from pathlib import Path
 
 from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
-from hwr.tiny import char_tokenizer, trocr_layout
+from hwr.embedded.tiny import char_tokenizer, trocr_layout
 
-WEIGHTS = Path(__file__).parent / "weights" / "embedded"
+WEIGHTS = Path(__file__).parents[1] / "weights" / "embedded"
 
 IMAGE_SIZE = (40, 640)
 ENCODER = {
@@ -45,7 +47,7 @@ def embedded_path() -> Path:
     """The shipped weights' folder (a `save_pretrained` folder, loaded like any other)."""
     if not (WEIGHTS / "config.json").is_file():
         raise FileNotFoundError(
-            f"The embedded model's weights are missing from {WEIGHTS}. Reinstall hwr from "
-            "its repository, or rebuild them with `python -m hwr.pretrain` (see its README)."
+            f"The embedded model's weights are missing from {WEIGHTS}. Reinstall hwr from its "
+            "repository, or rebuild them with `python -m hwr.embedded.pretrain` (see its README)."
         )
     return WEIGHTS

@@ -4,8 +4,8 @@ Two jobs: the shipped `line_data/` sample (one held-out font, so fine-tuning has
 "writer" to learn), and an endless stream of varied lines for pre-training the embedded
 model. Fonts are handwriting OFL fonts installed from PyPI (`fontpkg-*`).
 
-    python -m hwr.synth --out line_data                      # the shipped sample
-    python -m hwr.synth --out synth --lines 5000 --sheet sheet.png
+    python -m hwr.embedded.synth --out line_data                      # the shipped sample
+    python -m hwr.embedded.synth --out synth --lines 5000 --sheet sheet.png
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Pre-train the embedded model: synthetic handwriting first, real lines mixed in.
 
-    python -m hwr.pretrain --real ../shared/data/copiste --out outputs/pretrain --minutes 120
+    python -m hwr.embedded.pretrain --real ../shared/data/copiste --out outputs/pretrain \
+        --minutes 120
 
 Learning to read from scratch on a few thousand real lines fails: the decoder learns
 French before the picture. So the model reads an endless stream of rendered lines in
@@ -42,10 +43,10 @@ from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
 from hwr.data import LineDataset, collate, encode_line, read_lines
 from hwr.embedded import build_embedded
+from hwr.embedded.synth import HELD_OUT_FONTS, TRAIN_FONTS, TextSource, render_line, synthetic_lines
 from hwr.metrics import TextMetrics
 from hwr.model import export, load_pretrained, read_batch, wire_token_ids
 from hwr.report import atomic_write
-from hwr.synth import HELD_OUT_FONTS, TRAIN_FONTS, TextSource, render_line, synthetic_lines
 
 # New writers from the training writers: the model reads the training writers' lines
 # almost perfectly (CER ~0.01) long before it reads unseen writers well, so their lines

@@ -2,17 +2,20 @@
 tokenizer), and TrOCR's own layout at any size for tests and benchmarks (BPE tokenizer).
 
 They are saved with `save_pretrained` and loaded back like any hub checkpoint, so
-everything downstream (training, export, evaluation) runs the same code as for TrOCR.
+everything downstream (training, export, evaluation) runs the same code as for TrOCR;
+`save_hub_layout` rewrites one in the older files the real checkpoint has on the hub.
 """
 
 from __future__ import annotations
 
+import json
 import string
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tokenizers import (
     ByteLevelBPETokenizer,
     Regex,
@@ -163,3 +166,57 @@ def build_tiny(
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def save_hub_layout(saved: str | Path, out: str | Path) -> Path:
+    """A saved BPE model (ViT + TrOCR) rewritten in the files microsoft/trocr-base-handwritten
+    has on the hub, which today's save_pretrained no longer writes.
+
+    vocab.json + merges.txt and no tokenizer.json; an old ViTFeatureExtractor
+    preprocessor_config.json with an int size; a v4 config.json whose decoder says
+    "use_cache": false, no generation_config.json; pytorch_model.bin holding the output
+    projection beside the embeddings it is tied to, and no encoder pooler.
+    """
+    saved, out = Path(saved), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = TrOCRProcessor.from_pretrained(saved).tokenizer
+    tokenizer.backend_tokenizer.model.save(str(out))  # vocab.json, merges.txt
+    specials = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "sep_token": "</s>",
+        "pad_token": "<pad>",
+        "cls_token": "<s>",
+        "mask_token": "<mask>",
+    }
+    _write_json(out / "tokenizer_config.json", {"tokenizer_class": "RobertaTokenizer", **specials})
+    _write_json(out / "special_tokens_map.json", specials)
+    image = json.loads((saved / "processor_config.json").read_text())["image_processor"]
+    _write_json(
+        out / "preprocessor_config.json",
+        {
+            "do_normalize": True,
+            "do_resize": True,
+            "feature_extractor_type": "ViTFeatureExtractor",
+            "image_mean": image["image_mean"],
+            "image_std": image["image_std"],
+            "resample": 2,
+            "size": image["size"]["height"],
+        },
+    )
+    config = json.loads((saved / "config.json").read_text())
+    config["transformers_version"] = "4.12.0.dev0"
+    config["decoder"]["use_cache"] = False
+    _write_json(out / "config.json", config)
+    weights = load_file(saved / "model.safetensors")
+    weights = {k: v for k, v in weights.items() if ".pooler." not in k}
+    weights["decoder.output_projection.weight"] = weights[
+        "decoder.model.decoder.embed_tokens.weight"
+    ]
+    torch.save(weights, out / "pytorch_model.bin")
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2))

@@ -230,8 +230,10 @@ def split_lines(lines: Sequence[Line], val_fraction: float, seed: int) -> dict[s
     keys = sorted(free)
     random.Random(seed).shuffle(keys)
     target = round(val_fraction * sum(len(v) for v in free.values()))
-    for key in keys:
-        side = "val" if len(out["val"]) < target else "train"
+    for n, key in enumerate(keys):
+        # The last group trains if nothing else does (two pages: one each side).
+        last_for_train = n == len(keys) - 1 and not out["train"]
+        side = "val" if len(out["val"]) < target and not last_for_train else "train"
         out[side].extend(free[key])
     if lines and (not out["train"] or not out["val"]):
         empty = "train" if not out["train"] else "val"

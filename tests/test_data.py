@@ -156,6 +156,15 @@ def test_explicit_split_column_wins(lines_dir: Path):
     assert len(parts["train"]) == 5
 
 
+def test_two_pages_split_one_each_side(lines_dir: Path):
+    """Whichever page is drawn first for validation, the other one trains (greedy filling
+    up to the fraction once sent both to validation)."""
+    lines = read_lines(lines_dir / "lines.csv", group_by="page")
+    for seed in range(4):
+        parts = split_lines(lines[:7], 0.5, seed=seed)  # pages of 4 and 3 lines
+        assert {len(parts["train"]), len(parts["val"])} == {3, 4}
+
+
 def test_split_that_leaves_a_side_empty_says_how_to_fix(lines_dir: Path):
     lines = read_lines(lines_dir / "lines.csv", group_by="page")[:4]  # a single page
     with pytest.raises(ValueError, match="split is empty"):

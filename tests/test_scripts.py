@@ -184,7 +184,7 @@ def test_defaults_follow_the_original_recipe(compose_cfg):
 def test_quickstart_experiment_composes(compose_cfg):
     cfg = compose_cfg("train", ["experiment=quickstart"])
     assert cfg.model.name_or_path == "embedded"
-    assert cfg.data.csv == "line_data/lines.csv"
+    assert cfg.data.csv == "line_data/poilus/lines.csv" and cfg.data.group_by == "page"
     assert cfg.optim.lr == 3e-5 and cfg.data.val_fraction == 0.5
 
 

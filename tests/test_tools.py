@@ -81,6 +81,35 @@ def test_page_xml_import_scales_polygons_and_skips_empty_lines(tmp_path: Path):
     assert min(crop.convert("L").getdata()) < 120  # ink inside
 
 
+def test_pages_that_cannot_be_read_are_listed_and_the_rest_imported(tmp_path: Path, capsys):
+    """As in a fetched corpus whose largest images did not come: one missing image, one
+    broken, one XML that is neither ALTO nor PAGE."""
+    image, boxes = make_page(tmp_path, n=2)
+    x0, y0, x1, y1, text = boxes[0]
+    page = (
+        '<PcGts xmlns="http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15">'
+        '<Page imageFilename="{name}" imageWidth="0" imageHeight="0"><TextRegion id="r">'
+        f'<TextLine id="l"><Coords points="{x0},{y0} {x1},{y0} {x1},{y1} {x0},{y1}"/>'
+        f"<TextEquiv><Unicode>{text}</Unicode></TextEquiv></TextLine></TextRegion></Page></PcGts>"
+    )
+    (tmp_path / "good.xml").write_text(page.format(name=image.name), encoding="utf-8")
+    (tmp_path / "gone.xml").write_text(page.format(name="gone.jpg"), encoding="utf-8")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    (tmp_path / "broken.xml").write_text(page.format(name="broken.png"), encoding="utf-8")
+    (tmp_path / "mets.xml").write_text("<mets/>", encoding="utf-8")
+
+    xmls = sorted(tmp_path.glob("*.xml"))
+    csv_path = import_pages(xmls, tmp_path / "out")
+    with csv_path.open(encoding="utf-8") as f:
+        assert [r["text"] for r in csv.DictReader(f)] == [text]
+    with (tmp_path / "out" / "skipped.csv").open(encoding="utf-8") as f:
+        skipped = {Path(r["source"]).name: r["reason"] for r in csv.DictReader(f)}
+    assert set(skipped) == {"gone.xml", "broken.xml", "mets.xml"}
+    assert "no gone.jpg (named in the XML)" in skipped["gone.xml"]
+    assert "neither ALTO nor PAGE" in skipped["mets.xml"]
+    assert "3 page(s) could not be read" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside the project")
 def test_alto_import_of_real_pages(tmp_path: Path, capsys):
     xmls = sorted((SHARED_DATA / "pages" / "alto-peraire").glob("*.xml"))

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from hwr.errors import UserError
 from hwr.images import open_rgb
 from hwr.report import write_text
 
@@ -57,13 +58,16 @@ def _points(text: str) -> list[Point]:
 
 
 def _find_image(xml: Path, name: str | None) -> Path:
+    """The image the XML names, else one beside it with the XML's name."""
     candidates = [xml.parent / name] if name else []
     candidates += [xml.with_suffix(s) for s in IMAGE_SUFFIXES]
     for path in candidates:
         if path.is_file():
             return path
+    named = f"{name} (named in the XML) or " if name else ""
     raise FileNotFoundError(
-        f"{xml}: page image not found (looked for {', '.join(str(c) for c in candidates)})"
+        f"{xml}: page image not found: no {named}{xml.stem}"
+        f"{{{','.join(IMAGE_SUFFIXES)}}} in {xml.parent}"
     )
 
 
@@ -141,17 +145,27 @@ def crop_line(
 
 
 def import_pages(xmls: Sequence[Path], out_dir: Path) -> Path:
-    """Write out_dir/images/<page>_<n>.png and out_dir/lines.csv (file_name, text, page)."""
+    """Write out_dir/images/<page>_<n>.png and out_dir/lines.csv (file_name, text, page).
+
+    A page that cannot be read (its image missing or broken, XML that is not ALTO or PAGE)
+    is listed in out_dir/skipped.csv with the reason, and the others are imported.
+    """
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     skipped: Counter[str] = Counter()
+    bad_pages: dict[str, str] = {}
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["file_name", "text", "page"])
     n_lines = 0
     for xml in tqdm(sorted(xmls), desc="importing pages", unit="page"):
-        page = read_page(Path(xml))
-        image = open_rgb(page.image)
+        try:
+            page = read_page(Path(xml))
+            image = open_rgb(page.image)
+        except (OSError, ValueError, ET.ParseError, IndexError) as e:
+            # OSError covers a missing image and Pillow's unreadable ones.
+            bad_pages[str(xml)] = f"{type(e).__name__}: {str(e).removeprefix(f'{xml}: ')}"
+            continue
         paper = paper_colour(image)
         for i, line in enumerate(page.lines):
             if not line.text:
@@ -164,10 +178,20 @@ def import_pages(xmls: Sequence[Path], out_dir: Path) -> Path:
             crop_line(image, line.polygon, paper).save(out_dir / name)
             writer.writerow([name, line.text, page.xml.stem])
             n_lines += 1
+    if bad_pages:
+        listing = io.StringIO()
+        csv.writer(listing).writerows([("source", "reason"), *bad_pages.items()])
+        write_text(out_dir / "skipped.csv", listing.getvalue())
+        print(
+            f"{len(bad_pages)} page(s) could not be read (listed in {out_dir / 'skipped.csv'}):\n"
+            + "\n".join(f"  {xml}: {why}" for xml, why in bad_pages.items())
+        )
+    if not n_lines:
+        raise UserError(f"No line with text in the {len(xmls)} XML file(s): nothing imported.")
     csv_path = write_text(out_dir / "lines.csv", buf.getvalue())
     extra = "; ".join(f"{n} x {why}" for why, n in skipped.items())
     print(
-        f"{n_lines} lines from {len(xmls)} pages -> {csv_path}"
+        f"{n_lines} lines from {len(xmls) - len(bad_pages)} pages -> {csv_path}"
         + (f"; skipped {extra}" if extra else "")
     )
     return csv_path

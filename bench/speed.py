@@ -215,12 +215,10 @@ def write_lines(root: Path, n: int, unseen: bool = False) -> Path:
     return out
 
 
-def _lines(csv_path: Path, n: int | None = None) -> tuple[list, list[str]]:
-    from hwr.images import open_rgb
-
+def _rows(csv_path: Path, n: int | None = None) -> list[dict]:
+    """The first n rows of a line CSV written by write_lines (absolute paths)."""
     with csv_path.open(encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))[:n]
-    return [open_rgb(r["file_name"]) for r in rows], [r["text"] for r in rows]
+        return list(csv.DictReader(f))[:n]
 
 
 # ---- training ways ----
@@ -363,9 +361,11 @@ def read_line_by_line(turns: Turns, model_dir: Path, csv_path: Path, n: int) -> 
     import torch
     from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
+    from hwr.images import open_rgb
+
     processor = TrOCRProcessor.from_pretrained(model_dir)
     model = VisionEncoderDecoderModel.from_pretrained(model_dir).eval()
-    images, _ = _lines(csv_path, n)
+    images = [open_rgb(r["file_name"]) for r in _rows(csv_path, n)]
     with torch.no_grad():
         while True:
             for image in images:
@@ -388,6 +388,7 @@ def read_predict(
     """predict.py's reading (hwr.model.read_images, predict's batch size unless given), of
     the images as predict opens them; returns the CER of the last read (None when the
     decoding is held at NEW_TOKENS)."""
+    from hwr.images import open_rgb
     from hwr.metrics import TextMetrics
     from hwr.model import load_pretrained, read_images
 
@@ -397,29 +398,17 @@ def read_predict(
     if fixed:
         model.generation_config.min_new_tokens = NEW_TOKENS
         model.generation_config.max_new_tokens = NEW_TOKENS
-    paths = _paths(csv_path, n)
-    _, texts = _lines(csv_path, n)
+    rows = _rows(csv_path, n)
     while True:
-        images = [_open(p) for p in paths]
+        images = [open_rgb(r["file_name"]) for r in rows]
         got, _ = read_images(model, processor, images, batch_size or cfg.batch_size, bf16=bf16)
         if not turns.tick(len(images)):
             break
     if fixed:  # random weights, held length: no reading to score
         return None
     metrics = TextMetrics()
-    metrics.update(got, texts)
+    metrics.update(got, [r["text"] for r in rows])
     return metrics.compute()["cer"]
-
-
-def _paths(csv_path: Path, n: int | None) -> list[str]:
-    with csv_path.open(encoding="utf-8") as f:
-        return [r["file_name"] for r in list(csv.DictReader(f))[:n]]
-
-
-def _open(path: str):
-    from hwr.images import open_rgb
-
-    return open_rgb(path)
 
 
 def score_validation(turns: Turns, model_dir: Path, csv_path: Path) -> float:

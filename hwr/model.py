@@ -367,7 +367,8 @@ class TrOCRModule(L.LightningModule):
 
     def check_trainer(self, trainer: L.Trainer) -> None:
         """Settings that cannot go with stepping in backward, named as hwr's configs name them
-        (Lightning would stop at fit with its own names)."""
+        (Lightning would stop at fit with its own names); under DDP, Lightning's own steps.
+        Call it before fit: Lightning checks the settings before any module hook runs."""
         if self.automatic_optimization:
             return
         if trainer.world_size > 1:
@@ -446,6 +447,8 @@ class TrOCRModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         if self.optimizer is None:
             raise ValueError("TrOCRModule needs an optimizer to train (the optim config group).")
+        if not self.automatic_optimization and self.trainer.world_size > 1:
+            self.check_trainer(self.trainer)  # under DDP, Lightning steps (train.py did this)
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer(params=params)
         for hook in self._step_hooks:

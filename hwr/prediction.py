@@ -30,7 +30,7 @@ from hwr.images import PAGE_MIN_HEIGHT, is_page, open_rgb, too_small
 from hwr.model import load_pretrained, read_images
 from hwr.pages.segment import Segmenter, crop_lines, page_boxes
 from hwr.pages.xml_import import IMAGE_SUFFIXES
-from hwr.report import write_json, write_text
+from hwr.report import write_json, write_skipped, write_text
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,11 @@ def predict(cfg: DictConfig) -> list[Reading]:
         )
     readings, images, skipped = cut_lines(paths, instantiate(cfg.segmenter), cfg.segment)
     if skipped:
-        write_skipped(run_dir, skipped)
+        log.warning(
+            "%d input(s) gave nothing to read (listed in skipped.csv):\n%s",
+            len(skipped),
+            write_skipped(run_dir, skipped),
+        )
     if not images:
         raise UserError(f"Nothing to read in inputs={cfg.inputs}: see {run_dir / 'skipped.csv'}")
     texts, confidences = read_images(
@@ -131,19 +135,6 @@ def predict(cfg: DictConfig) -> list[Reading]:
         reading.text, reading.confidence = text, round(conf, 4)
     write_outputs(run_dir, readings)
     return readings
-
-
-def write_skipped(run_dir: Path, skipped: dict[str, str]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["source", "reason"])
-    writer.writerows(skipped.items())
-    write_text(run_dir / "skipped.csv", buf.getvalue())
-    log.warning(
-        "%d input(s) gave nothing to read (listed in skipped.csv):\n%s",
-        len(skipped),
-        "\n".join(f"  {source}: {reason}" for source, reason in skipped.items()),
-    )
 
 
 def write_outputs(run_dir: Path, readings: list[Reading]) -> None:

@@ -61,6 +61,15 @@ def write_json(path: Path, data: object) -> Path:
     return write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def write_skipped(folder: Path, skipped: Mapping[str, str]) -> str:
+    """folder/skipped.csv: each input that gave nothing (source, reason); returns the same
+    list as lines to show the user."""
+    buf = io.StringIO()
+    csv.writer(buf).writerows([("source", "reason"), *skipped.items()])
+    write_text(Path(folder) / "skipped.csv", buf.getvalue())
+    return "\n".join(f"  {source}: {reason}" for source, reason in skipped.items())
+
+
 def write_predictions(path: Path, lines: Sequence[Line], results: Results) -> Path:
     """One row per evaluated line: reference, then each model's reading and its CER."""
     buf = io.StringIO()

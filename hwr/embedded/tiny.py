@@ -36,6 +36,8 @@ from transformers import (
     ViTImageProcessor,
 )
 
+from hwr.report import write_json
+
 # RoBERTa's special tokens at RoBERTa's ids, so token wiring is the same as TrOCR's.
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 ALPHABET = (
@@ -190,10 +192,10 @@ def save_hub_layout(saved: str | Path, out: str | Path) -> Path:
         "cls_token": "<s>",
         "mask_token": "<mask>",
     }
-    _write_json(out / "tokenizer_config.json", {"tokenizer_class": "RobertaTokenizer", **specials})
-    _write_json(out / "special_tokens_map.json", specials)
+    write_json(out / "tokenizer_config.json", {"tokenizer_class": "RobertaTokenizer", **specials})
+    write_json(out / "special_tokens_map.json", specials)
     image = json.loads((saved / "processor_config.json").read_text())["image_processor"]
-    _write_json(
+    write_json(
         out / "preprocessor_config.json",
         {
             "do_normalize": True,
@@ -208,7 +210,7 @@ def save_hub_layout(saved: str | Path, out: str | Path) -> Path:
     config = json.loads((saved / "config.json").read_text())
     config["transformers_version"] = "4.12.0.dev0"
     config["decoder"]["use_cache"] = False
-    _write_json(out / "config.json", config)
+    write_json(out / "config.json", config)
     weights = load_file(saved / "model.safetensors")
     weights = {k: v for k, v in weights.items() if ".pooler." not in k}
     weights["decoder.output_projection.weight"] = weights[
@@ -216,7 +218,3 @@ def save_hub_layout(saved: str | Path, out: str | Path) -> Path:
     ]
     torch.save(weights, out / "pytorch_model.bin")
     return out
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2))

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from hwr.errors import UserError
 from hwr.images import open_rgb
-from hwr.report import write_text
+from hwr.report import write_skipped, write_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
 Point = tuple[float, float]
@@ -179,12 +179,10 @@ def import_pages(xmls: Sequence[Path], out_dir: Path) -> Path:
             writer.writerow([name, line.text, page.xml.stem])
             n_lines += 1
     if bad_pages:
-        listing = io.StringIO()
-        csv.writer(listing).writerows([("source", "reason"), *bad_pages.items()])
-        write_text(out_dir / "skipped.csv", listing.getvalue())
+        listing = write_skipped(out_dir, bad_pages)
         print(
             f"{len(bad_pages)} page(s) could not be read (listed in {out_dir / 'skipped.csv'}):\n"
-            + "\n".join(f"  {xml}: {why}" for xml, why in bad_pages.items())
+            + listing
         )
     if not n_lines:
         raise UserError(f"No line with text in the {len(xmls)} XML file(s): nothing imported.")

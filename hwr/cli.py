@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("import-xml", help="ALTO / PAGE XML with page images -> line CSV")
     p.add_argument("pages", type=Path, help="a folder of XML files (searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="folder for lines.csv and images/")
+    p.add_argument("--max-height", type=int, help="scale taller lines down to this many pixels")
 
     p = verbs.add_parser("segment", help="page images -> line images + CSV with empty text")
     p.add_argument("images", type=Path, nargs="+", help="page images")
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
         xmls = sorted(args.pages.rglob("*.xml"))
         if not xmls:
             raise SystemExit(f"hwr import-xml: no .xml files under {args.pages}")
-        import_pages(xmls, args.out)
+        import_pages(xmls, args.out, root=args.pages, max_height=args.max_height)
     elif args.verb == "segment":
         from hwr.pages.segment import segment_pages
 

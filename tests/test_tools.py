@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -108,6 +109,37 @@ def test_pages_that_cannot_be_read_are_listed_and_the_rest_imported(tmp_path: Pa
     assert "no gone.jpg (named in the XML)" in skipped["gone.xml"]
     assert "neither ALTO nor PAGE" in skipped["mets.xml"]
     assert "3 page(s) could not be read" in capsys.readouterr().out
+
+
+def test_corpora_filed_one_hand_per_folder_keep_their_folders(tmp_path: Path):
+    """As HTR-United corpora are: pages with the same name in two folders stay apart, each
+    line says its folder (to split by hand), and tall lines come out max_height high."""
+    image, boxes = make_page(tmp_path, n=1)
+    x0, y0, x1, y1, _ = boxes[0]
+    for hand in ("hand-a", "hand-b"):
+        (tmp_path / "corpus" / hand).mkdir(parents=True)
+        shutil.copy(image, tmp_path / "corpus" / hand / "f1.png")
+        (tmp_path / "corpus" / hand / "f1.xml").write_text(
+            '<PcGts xmlns="http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15">'
+            '<Page imageFilename="f1.png" imageWidth="0" imageHeight="0"><TextRegion id="r">'
+            f'<TextLine id="l"><Coords points="{x0},{y0} {x1},{y0} {x1},{y1} {x0},{y1}"/>'
+            f"<TextEquiv><Unicode>{hand}</Unicode></TextEquiv></TextLine></TextRegion></Page>"
+            "</PcGts>",
+            encoding="utf-8",
+        )
+    xmls = sorted((tmp_path / "corpus").rglob("*.xml"))
+    csv_path = import_pages(xmls, tmp_path / "out", root=tmp_path / "corpus", max_height=40)
+    with csv_path.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["text"], r["folder"], r["page"]) for r in rows] == [
+        ("hand-a", "hand-a", "hand-a/f1"),
+        ("hand-b", "hand-b", "hand-b/f1"),
+    ]
+    crops = [Image.open(tmp_path / "out" / r["file_name"]) for r in rows]
+    assert [c.height for c in crops] == [40, 40] and crops[0].width > 4 * 40
+    flat = import_pages(xmls[:1], tmp_path / "flat")  # one folder: named by the folder
+    with flat.open(encoding="utf-8") as f:
+        assert [(r["folder"], r["page"]) for r in csv.DictReader(f)] == [("hand-a", "f1")]
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside the project")

@@ -1,33 +1,33 @@
 """The embedded model: a small TrOCR-family reader pre-trained by this project and shipped
 in the repository, so `model=embedded` reads handwriting with no network.
 
-Shaped for text lines: the image processor squashes a line to 40x640, and the ViT cuts
-it into 128 full-height 40x5 strips (one row of patches), so the encoder spends its
-compute along the line; a TrOCR decoder writes one character per step.
-`hwr.embedded.pretrain` trains it on lines rendered by `hwr.embedded.synth` and real ones;
-`build_embedded` gives the untrained layout it starts from. `hwr.embedded.tiny` builds
-TrOCR-layout models from configs (the tiny one, and TrOCR's own shape for tests).
+Its layouts share a TrOCR decoder (4 layers, d_model 256) and a character tokenizer, and
+differ in how they see a line: `strips40` (shipped) squashes it to 40x640 and cuts it
+into 128 full-height ViT strips; `strips64` keeps the aspect at 64 px high;
+`conv64` adds a convolutional stem and a CTC head (`hwr.embedded.encoder`); `swin64` is
+stock transformers only (DonutSwin). The model card compares them at equal CPU minutes.
+`hwr.embedded.pretrain` trains them on lines rendered by `hwr.embedded.synth` and real
+ones; `hwr.embedded.tiny` builds TrOCR-layout models from configs (the tiny one, and
+TrOCR's own shape for tests).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import TrOCRProcessor, VisionEncoderDecoderModel
+from transformers import (
+    DonutImageProcessor,
+    DonutSwinConfig,
+    TrOCRProcessor,
+    VisionEncoderDecoderModel,
+    ViTConfig,
+)
 
-from hwr.embedded.tiny import char_tokenizer, trocr_layout
+from hwr.embedded.encoder import LineEncoderConfig
+from hwr.embedded.tiny import char_tokenizer, encoder_decoder, trocr_layout
 
 WEIGHTS = Path(__file__).parents[1] / "weights" / "embedded"
 
-IMAGE_SIZE = (40, 640)
-ENCODER = {
-    "image_size": list(IMAGE_SIZE),
-    "patch_size": [40, 5],
-    "hidden_size": 256,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 4,
-    "intermediate_size": 1024,
-}
 DECODER = {
     "d_model": 256,
     "decoder_layers": 4,
@@ -38,9 +38,79 @@ DECODER = {
 }
 
 
-def build_embedded(seed: int = 0) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
+def _keep_aspect(height: int, width: int) -> DonutImageProcessor:
+    """Scale a line to the height, keeping its aspect (longer lines shrink to the width),
+    and pad to height x width: Donut's processor, with Donut's page turning switched off."""
+    return DonutImageProcessor(
+        size={"height": height, "width": width},
+        do_thumbnail=True,
+        do_align_long_axis=False,
+        do_pad=True,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+
+
+def _strips40(tokenizer, seed: int):
+    """The first shipped layout: squashed to 40x640, 128 full-height ViT strips."""
+    encoder = {
+        "image_size": [40, 640],
+        "patch_size": [40, 5],
+        "hidden_size": 256,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "intermediate_size": 1024,
+    }
+    return trocr_layout(tokenizer, encoder, DECODER, (40, 640), seed=seed)
+
+
+def _strips64(tokenizer, seed: int):
+    """Taller, aspect kept: 64x1024, 128 full-height ViT strips 8 px wide."""
+    encoder = ViTConfig(
+        image_size=[64, 1024],
+        patch_size=[64, 8],
+        hidden_size=256,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        intermediate_size=1024,
+    )
+    return encoder_decoder(tokenizer, encoder, DECODER, _keep_aspect(64, 1024), seed)
+
+
+def _swin64(tokenizer, seed: int):
+    """Stock transformers only: a DonutSwin encoder (as Donut pairs one with a decoder)."""
+    encoder = DonutSwinConfig(
+        image_size=[64, 1024],
+        patch_size=4,
+        embed_dim=64,
+        depths=[2, 2, 4],
+        num_heads=[2, 4, 8],
+        window_size=4,
+    )
+    return encoder_decoder(tokenizer, encoder, DECODER, _keep_aspect(64, 1024), seed)
+
+
+def _conv64(tokenizer, seed: int):
+    """Taller, aspect kept, a convolutional stem and a CTC head (hwr.embedded.encoder)."""
+    encoder = LineEncoderConfig(
+        image_size=[64, 1024],
+        num_hidden_layers=6,
+        ctc_vocab_size=len(tokenizer),
+        ctc_blank_id=tokenizer.pad_token_id,
+    )
+    return encoder_decoder(tokenizer, encoder, DECODER, _keep_aspect(64, 1024), seed)
+
+
+# The layouts compared at equal CPU minutes (model card); LAYOUT is the one shipped.
+LAYOUTS = {"strips40": _strips40, "strips64": _strips64, "swin64": _swin64, "conv64": _conv64}
+LAYOUT = "strips40"
+
+
+def build_embedded(
+    seed: int = 0, layout: str = LAYOUT
+) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
     """The embedded model's layout with fresh weights, and its processor."""
-    return trocr_layout(char_tokenizer(), ENCODER, DECODER, IMAGE_SIZE, seed=seed)
+    return LAYOUTS[layout](char_tokenizer(), seed)
 
 
 def embedded_path() -> Path:

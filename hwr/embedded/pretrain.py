@@ -1,25 +1,30 @@
 """Pre-train the embedded model: synthetic handwriting first, real lines mixed in.
 
-    python -m hwr.embedded.pretrain --real ../shared/data/copiste --out outputs/pretrain \
-        --minutes 120
+    python -m hwr.embedded.pretrain --real ../shared/data/copiste more/lines ... \
+        --out outputs/pretrain --minutes 120
 
 Learning to read from scratch on a few thousand real lines fails: the decoder learns
 French before the picture. So the model reads an endless stream of rendered lines in
 many fonts, short lines first, with real lines mixed in more and more as it goes; and a
-CTC loss on the encoder's strips (joint CTC/attention, as speech recognisers train)
-makes the encoder see characters from the start. The CTC head is dropped at the end:
-the saved model is a plain VisionEncoderDecoder, loaded like any TrOCR checkpoint.
+CTC loss on the encoder's columns (joint CTC/attention, as speech recognisers train)
+makes the encoder see characters from the start. A ViT's CTC head is dropped at the
+end; the line encoder's (`--layout conv64`) is part of it and saved with it.
 
-Real lines are split by writer (hash of the name): ~80% train, ~10% val (CER printed
-while training), ~10% test (`--measure` only). Every --eval-every steps it writes
-out/last.pt; rerunning the same command resumes from there. `--init` starts a new run
-from a saved model (e.g. `--init embedded` refines the shipped one); `--blend` then saves
-a mix of the two (rerun a finished run with another --blend to save another mix).
+Real lines come from one or more folders with a lines.csv (`hwr import-xml` writes
+them), each split by writer (its `writer` column, else `folder`, else `page`; a hash of
+the name): ~80% train, ~10% val (the first folder's val writers are scored while
+training), ~10% test (`--measure` only). Page furniture and text outside the tokenizer's
+alphabet are left out. Every --eval-every steps it writes out/last.pt; rerunning the
+same command resumes from there. `--init` starts a new run from a saved model (e.g.
+`--init embedded` refines the shipped one); `--blend` then saves a mix of the two (rerun
+a finished run with another --blend to save another mix).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import json
 import math
 import random
@@ -27,6 +32,7 @@ import re
 import time
 import unicodedata
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from functools import partial
 from operator import methodcaller
@@ -42,33 +48,47 @@ from torchvision.transforms import v2
 from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
 from hwr.data import LineDataset, collate, encode_line, read_lines
-from hwr.embedded import build_embedded
+from hwr.embedded import LAYOUT, LAYOUTS, build_embedded
+from hwr.embedded.encoder import ctc_greedy
 from hwr.embedded.synth import HELD_OUT_FONTS, TRAIN_FONTS, TextSource, render_line, synthetic_lines
 from hwr.metrics import TextMetrics
 from hwr.model import export, load_pretrained, read_batch, wire_token_ids
 from hwr.report import atomic_write
 
-# New writers from the training writers: the model reads the training writers' lines
-# almost perfectly (CER ~0.01) long before it reads unseen writers well, so their lines
-# are bent (elastic), slanted (shear), shrunk and inked thicker as well as recoloured.
-# Shrunk to 48 px high first: the model sees 40, and the elastic warp is 5x faster.
-REAL_AUGMENT = v2.Compose(
-    [
-        v2.Resize(48),
-        v2.RandomApply([v2.ElasticTransform(alpha=20.0, sigma=4.0, fill=255)], p=0.5),
-        v2.RandomAffine(
-            degrees=2,
-            translate=(0.0, 0.05),
-            scale=(0.8, 1.0),
-            shear=(-20, 20, 0, 0),
-            fill=255,
-            interpolation=v2.InterpolationMode.BILINEAR,
-        ),
-        v2.RandomApply([v2.Lambda(methodcaller("filter", ImageFilter.MinFilter(3)))], p=0.15),
-        v2.ColorJitter(brightness=(0.7, 1.2), contrast=(0.6, 1.3)),
-        v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 0.8))], p=0.3),
-    ]
-)
+
+def real_augment(height: int, stroke_width: float = 0.3) -> v2.Compose:
+    """New writers from the training writers: the model reads the training writers' lines
+    almost perfectly (CER ~0.01) long before it reads unseen writers well, so their lines
+    are bent (elastic), slanted (shear), shrunk, inked thicker or thinner (a 3x3 minimum or
+    maximum: erosion or dilation of the paper, with probability stroke_width) and
+    recoloured. Shrunk to 1.2 x the model's height first: the elastic warp is then fast."""
+    return v2.Compose(
+        [
+            v2.Resize(round(1.2 * height)),
+            v2.RandomApply([v2.ElasticTransform(alpha=20.0, sigma=4.0, fill=255)], p=0.5),
+            v2.RandomAffine(
+                degrees=2,
+                translate=(0.0, 0.05),
+                scale=(0.8, 1.0),
+                shear=(-20, 20, 0, 0),
+                fill=255,
+                interpolation=v2.InterpolationMode.BILINEAR,
+            ),
+            v2.RandomApply(
+                [
+                    v2.RandomChoice(
+                        [
+                            v2.Lambda(methodcaller("filter", ImageFilter.MinFilter(3))),
+                            v2.Lambda(methodcaller("filter", ImageFilter.MaxFilter(3))),
+                        ]
+                    )
+                ],
+                p=stroke_width,
+            ),
+            v2.ColorJitter(brightness=(0.7, 1.2), contrast=(0.6, 1.3)),
+            v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 0.8))], p=0.3),
+        ]
+    )
 
 
 def writer_split(writer: str) -> str:
@@ -115,25 +135,43 @@ class LineStream(IterableDataset):
 class Progress:
     """Share of the run done: steps or minutes, whichever is further along (picklable, so
     dataloader workers follow the same curriculum by the clock). A resumed run starts
-    from the step and the share of its minutes its checkpoint had reached, so rerunning
-    with more --steps or --minutes goes on."""
+    from the step and the seconds its checkpoint had reached, so rerunning with more
+    --steps or --minutes goes on."""
 
-    def __init__(self, steps: int, minutes: float, step: int = 0, done: float = 0.0) -> None:
-        self.steps, self.seconds, self.step, self.done = steps, minutes * 60, step, done
+    def __init__(self, steps: int, minutes: float, step: int = 0, spent: float = 0.0) -> None:
+        self.steps, self.seconds, self.step, self.spent = steps, minutes * 60, step, spent
         self.t0 = time.time()
 
+    def seconds_spent(self) -> float:
+        return self.spent + time.time() - self.t0
+
     def by_time(self) -> float:
-        return self.done + (time.time() - self.t0) / self.seconds
+        return self.seconds_spent() / self.seconds
 
     def __call__(self) -> float:
         return min(1.0, max(self.step / self.steps, self.by_time()))
 
 
+def ctc_head(model: VisionEncoderDecoderModel) -> tuple[nn.Module, bool]:
+    """The encoder's own CTC head (hwr.embedded.encoder: saved with the model), or a new one
+    for a ViT's strips, dropped at the end; and whether the head is the encoder's own."""
+    own = getattr(model.encoder, "ctc_head", None)
+    if own is not None:
+        return own, True
+    if model.config.encoder.model_type != "vit":
+        raise SystemExit(
+            f"--ctc-weight needs an encoder whose outputs run along the line (ViT strips or "
+            f"hwr's line encoder), not {model.config.encoder.model_type}: give --ctc-weight 0"
+        )
+    return nn.Linear(model.config.encoder.hidden_size, model.config.decoder.vocab_size), False
+
+
 def ctc_loss(
-    head: nn.Linear, encoder_states: torch.Tensor, labels: torch.Tensor, tok
+    head: nn.Module, own: bool, encoder_states: torch.Tensor, labels: torch.Tensor, tok
 ) -> torch.Tensor:
-    """CTC over the encoder's strips (CLS dropped) against the characters of each line."""
-    logp = head(encoder_states[:, 1:]).float().log_softmax(-1).transpose(0, 1)
+    """CTC over the encoder's columns (a ViT's CLS dropped) against each line's characters."""
+    logp = head(encoder_states if own else encoder_states[:, 1:]).float().log_softmax(-1)
+    logp = logp.transpose(0, 1)
     keep = (labels >= 0) & (labels != tok.bos_token_id) & (labels != tok.eos_token_id)
     return F.ctc_loss(
         logp,
@@ -147,18 +185,30 @@ def ctc_loss(
 
 @torch.no_grad()
 def score(model, processor, dataset: Dataset, batch_size: int = 64) -> dict[str, float]:
-    """Greedy-read a dataset; CER, WER, accuracy over its lines."""
+    """Greedy-read a dataset: CER, WER, accuracy over its lines; the mean loss (teacher
+    forced: it tells layouts apart long before they read); the CTC head's CER, if any."""
     model.eval()
     device = next(model.parameters()).device
-    metrics = TextMetrics()
+    metrics, ctc, losses = TextMetrics(), TextMetrics(), []
+    reads_ctc = getattr(model.encoder, "ctc_head", None) is not None
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=2):
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            texts, _ = read_batch(
-                model, processor, batch["pixel_values"].to(device), confidence=False
-            )
+            encoded = model.encoder(pixel_values=batch["pixel_values"].to(device))
+            labels = batch["labels"].to(device)
+            losses.append(model(encoder_outputs=encoded, labels=labels).loss.item())
+            texts, _ = read_batch(model, processor, None, confidence=False, encoder_outputs=encoded)
+            if reads_ctc:
+                logits = model.encoder.ctc_logits(encoded.last_hidden_state)
         metrics.update(texts, batch["text"])
+        if reads_ctc:
+            ids = ctc_greedy(logits, model.config.encoder.ctc_blank_id)
+            ctc.update(
+                [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)],
+                batch["text"],
+            )
     model.train()
-    return metrics.compute()
+    scores = metrics.compute() | {"loss": sum(losses) / len(losses)}
+    return scores | ({"ctc_cer": ctc.compute()["cer"]} if reads_ctc else {})
 
 
 class RenderedLines(Dataset):
@@ -221,24 +271,76 @@ def is_boilerplate(text: str) -> bool:
     return bool(CONSENT_OWN_WORDS & set(words)) or (len(words) >= 5 and known >= 0.8 * len(words))
 
 
-def real_datasets(real: Path | None, group_by: str) -> tuple[dict[str, list], list[str]]:
-    """Real lines by side of the writer split (boilerplate left out), and the training
-    side's texts."""
-    by = {"train": [], "val": [], "test": []}
-    lines = read_lines(Path(real) / "lines.csv", group_by=group_by) if real else []
-    kept = [line for line in lines if not is_boilerplate(line.text)]
-    if len(kept) < len(lines):
-        print(f"left out {len(lines) - len(kept)} boilerplate lines of {len(lines)}")
-    for line in kept:
-        by[writer_split(line.group or "")].append(line)
+def to_alphabet(text: str, alphabet: set[str]) -> str | None:
+    """A transcription in the tokenizer's characters, or None where it cannot be: composed
+    accents (NFC), superscript abbreviations as plain letters (Mʳ -> Mr), the hyphen mark
+    ¬ as -, odd spaces as spaces; Greek or editorial brackets (⟦ ⟧) leave the line out."""
+    out = []
+    for ch in unicodedata.normalize("NFC", text):
+        if ch not in alphabet:
+            ch = "-" if ch == "¬" else " " if ch.isspace() else unicodedata.normalize("NFKC", ch)
+        if any(c not in alphabet for c in ch):
+            return None
+        out.append(ch)
+    return "".join(out).strip() or None
+
+
+def group_column(csv_path: Path) -> str:
+    """What to split a corpus by: its writers where it names them, else its folders (one
+    document or hand each, as hwr import-xml writes them), else its pages."""
+    with csv_path.open(encoding="utf-8-sig") as f:
+        columns = next(csv.reader(f), [])
+    return next((c for c in ("writer", "folder", "page") if c in columns), "file_name")
+
+
+def real_datasets(
+    folders: Sequence[Path], alphabet: set[str], exclude: str | None = None
+) -> tuple[dict[str, list], list[str]]:
+    """Real lines from each folder's lines.csv by side of the writer split (boilerplate,
+    lines of groups matching `exclude` and text outside the alphabet left out), and the
+    training side's texts. Sides are by corpus: `by["val"]` holds one list per folder."""
+    by: dict[str, list] = {"train": [], "val": [], "test": []}
+    for folder in folders:
+        csv_path = Path(folder) / "lines.csv"
+        lines = read_lines(csv_path, group_by=group_column(csv_path), skip_bad_rows=True)
+        kept, dropped = [], Counter()
+        for line in lines:
+            text = to_alphabet(line.text, alphabet)
+            if exclude and re.search(exclude, line.group or ""):
+                dropped["excluded"] += 1
+            elif is_boilerplate(line.text):
+                dropped["boilerplate"] += 1
+            elif text is None:
+                dropped["outside the alphabet"] += 1
+            else:
+                kept.append(dataclasses.replace(line, text=text))
+        left = ", ".join(f"{n} {why}" for why, n in dropped.items())
+        print(f"{folder}: {len(kept)} lines" + (f" (left out {left})" if left else ""))
+        sides = {"train": [], "val": [], "test": []}
+        for line in kept:
+            sides[writer_split(line.group or "")].append(line)
+        by["train"] += sides["train"]
+        by["val"].append((Path(folder).name, sides["val"]))
+        by["test"].append((Path(folder).name, sides["test"]))
     return by, [line.text for line in by["train"]]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("outputs/pretrain"))
-    ap.add_argument("--real", type=Path, help="folder with a lines.csv of real lines")
-    ap.add_argument("--group-by", default="writer", help="real lines' column to split by")
+    ap.add_argument(
+        "--real",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="folders with a lines.csv of real lines; the first one's val writers are scored",
+    )
+    ap.add_argument("--exclude", help="leave out real lines whose writer/folder/page matches")
+    ap.add_argument("--layout", choices=LAYOUTS, default=LAYOUT, help="a fresh model's layout")
+    ap.add_argument("--stroke-width", type=float, default=0.3, help="thicker/thinner ink, p")
+    ap.add_argument(
+        "--decoder-from", help="a fresh model's decoder from this saved model (e.g. embedded)"
+    )
     ap.add_argument("--init", type=Path, help="start from this saved model (folder or name)")
     ap.add_argument("--steps", type=int, default=100_000, help="schedule length in steps")
     ap.add_argument("--minutes", type=float, default=120, help="stop (and save) after this")
@@ -270,38 +372,53 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.init:
         model, processor = load_pretrained(str(args.init), max_new_tokens=100)
     else:
-        model, processor = build_embedded(args.seed)
+        model, processor = build_embedded(args.seed, args.layout)
+        if args.decoder_from:  # the language half learnt already; the new encoder learns to feed it
+            donor = load_pretrained(args.decoder_from)[0].decoder.state_dict()
+            try:
+                model.decoder.load_state_dict(donor)
+            except RuntimeError as e:
+                why = f"--decoder-from {args.decoder_from}: another decoder ({e})"
+                raise SystemExit(why) from e
         wire_token_ids(model, processor, max_new_tokens=100)
     initial = {k: v.clone() for k, v in model.state_dict().items()} if args.blend != 1.0 else {}
     tok = processor.tokenizer
-    head = nn.Linear(model.config.encoder.hidden_size, len(tok))
+    head, own = ctc_head(model) if args.ctc_weight else (None, False)
     model.to(device).train()
-    head.to(device)
-    real, sentences = real_datasets(args.real, args.group_by)
+    real, sentences = real_datasets(args.real, set(tok.get_vocab()), args.exclude)
     evals = {"fonts": RenderedLines(processor, HELD_OUT_FONTS, args.eval_lines, seed=12345)}
-    if real["val"]:
-        evals["val_writers"] = LineDataset(real["val"], processor)
+    if real["val"] and real["val"][0][1]:
+        evals["val_writers"] = LineDataset(real["val"][0][1], processor)
     if args.measure:
-        if real["test"]:
-            evals["test_writers"] = LineDataset(real["test"], processor)
+        for side in ("val", "test"):
+            for name, lines in real[side]:
+                if lines:
+                    evals[f"{side}_{name}"] = LineDataset(lines, processor)
         print(json.dumps({k: score(model, processor, d) for k, d in evals.items()}, indent=1))
         return
 
-    params = [p for n, p in model.named_parameters() if "pooler" not in n] + list(head.parameters())
+    params = [p for n, p in model.named_parameters() if "pooler" not in n]
+    if head is not None and not own:
+        head.to(device)
+        params += list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.05)
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt, progress = args.out / "last.pt", Progress(args.steps, args.minutes)
     if ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
-        head.load_state_dict(state["head"])
+        if state.get("head") and head is not None and not own:
+            head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
-        progress = Progress(args.steps, args.minutes, state["step"], state["progress"])
+        progress = Progress(args.steps, args.minutes, state["step"], state["seconds"])
         print(f"resumed from {ckpt} at step {progress.step}")
 
+    height = processor.image_processor.size["height"]
     stream = LineStream(
         processor,
-        LineDataset(real["train"], processor, REAL_AUGMENT) if real["train"] else None,
+        LineDataset(real["train"], processor, real_augment(height, args.stroke_width))
+        if real["train"]
+        else None,
         sentences,
         args.seed + progress.step,
         args.short_first,
@@ -317,7 +434,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         prefetch_factor=4 if args.workers else None,
     )
     with open(args.out / "log.jsonl", "a") as log:
-        step = train_loop(args, model, head, processor, opt, loader, evals, progress, log, ckpt)
+        step = train_loop(
+            args, model, (head, own), processor, opt, loader, evals, progress, log, ckpt
+        )
     model.cpu()
     if args.blend != 1.0:
         # Weight interpolation (robust fine-tuning, "WiSE-FT"): on unseen writers it read
@@ -339,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def train_loop(
     args: argparse.Namespace,
     model: VisionEncoderDecoderModel,
-    head: nn.Linear,
+    ctc: tuple[nn.Module | None, bool],
     processor: TrOCRProcessor,
     opt: torch.optim.Optimizer,
     loader: DataLoader,
@@ -350,6 +469,7 @@ def train_loop(
 ) -> int:
     """Step until progress reaches 1; score and checkpoint every --eval-every steps."""
     device, tok, step = next(model.parameters()).device, processor.tokenizer, progress.step
+    head, own = ctc
     params = [p for group in opt.param_groups for p in group["params"]]
 
     def lr_at(p: float) -> float:
@@ -373,7 +493,11 @@ def train_loop(
                 ignore_index=-100,
                 label_smoothing=0.1,
             )
-            ctc = ctc_loss(head, out.encoder_last_hidden_state, labels, tok)
+            ctc = (
+                ctc_loss(head, own, out.encoder_last_hidden_state, labels, tok)
+                if head is not None
+                else torch.zeros(())
+            )
             loss = ce + args.ctc_weight * ctc
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -392,17 +516,22 @@ def train_loop(
                 flush=True,
             )
         if step % args.eval_every == 0 or done:
-            scores = {k: score(model, processor, d)["cer"] for k, d in evals.items()}
+            scores = {
+                f"{k} {m}": v
+                for k, d in evals.items()
+                for m, v in score(model, processor, d).items()
+                if m in ("cer", "ctc_cer", "loss")
+            }
             cers = " ".join(f"{k} {v:.4f}" for k, v in scores.items())
-            print(f"step {step} CER {cers}", flush=True)
+            print(f"step {step} {cers}", flush=True)
             log.write(json.dumps({"step": step, "progress": p, **scores}) + "\n")
             log.flush()
             state = {
                 "model": model.state_dict(),
-                "head": head.state_dict(),
+                "head": head.state_dict() if head is not None and not own else {},
                 "opt": opt.state_dict(),
                 "step": step,
-                "progress": progress.by_time(),
+                "seconds": progress.seconds_spent(),
             }
             atomic_write(ckpt, partial(torch.save, state))
         if done:

@@ -26,6 +26,7 @@ from tokenizers import (
     processors,
 )
 from transformers import (
+    PretrainedConfig,
     PreTrainedTokenizerFast,
     RobertaTokenizer,
     TrOCRConfig,
@@ -108,12 +109,20 @@ def bpe_tokenizer(texts: Iterable[str], vocab_size: int = 400) -> RobertaTokeniz
 def trocr_layout(
     tokenizer, encoder: dict, decoder: dict, image_size: tuple[int, int], seed: int = 0
 ) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
-    """A fresh VisionEncoderDecoder (ViT encoder, TrOCR decoder) and its processor."""
+    """A fresh VisionEncoderDecoder (ViT encoder, TrOCR decoder) and its processor; the
+    processor squashes every image to image_size, as TrOCR's does."""
     image_processor = ViTImageProcessor(
         size={"height": image_size[0], "width": image_size[1]},
         image_mean=[0.5] * 3,
         image_std=[0.5] * 3,
     )
+    return encoder_decoder(tokenizer, ViTConfig(**encoder), decoder, image_processor, seed)
+
+
+def encoder_decoder(
+    tokenizer, encoder: PretrainedConfig, decoder: dict, image_processor, seed: int = 0
+) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
+    """A fresh VisionEncoderDecoder: any encoder, a TrOCR decoder wired to the tokenizer."""
     decoder = {
         "vocab_size": len(tokenizer),
         "activation_function": "gelu",
@@ -128,7 +137,7 @@ def trocr_layout(
     }
     torch.manual_seed(seed)
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
-        ViTConfig(**encoder), TrOCRConfig(**decoder)
+        encoder, TrOCRConfig(**decoder)
     )
     model = VisionEncoderDecoderModel(config=config)
     return model, TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer)

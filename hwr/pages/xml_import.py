@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Sequence
@@ -144,28 +145,43 @@ def crop_line(
     return Image.composite(crop, background, mask)
 
 
-def import_pages(xmls: Sequence[Path], out_dir: Path) -> Path:
-    """Write out_dir/images/<page>_<n>.png and out_dir/lines.csv (file_name, text, page).
+def import_pages(
+    xmls: Sequence[Path],
+    out_dir: Path,
+    root: Path | None = None,
+    max_height: int | None = None,
+) -> Path:
+    """Write out_dir/images/<page>_<n>.png and out_dir/lines.csv (file_name, text, page, folder).
 
-    A page that cannot be read (its image missing or broken, XML that is not ALTO or PAGE)
-    is listed in out_dir/skipped.csv with the reason, and the others are imported.
+    Pages keep their place under root (the XMLs' common folder by default): a page is named
+    by its path there, and `folder` (its folder there, or root's name) tells documents or
+    hands apart in corpora filed one per folder, to split by. Lines taller than max_height
+    are scaled down to it. A page that cannot be read (its image missing or broken, XML that
+    is not ALTO or PAGE) is listed in out_dir/skipped.csv with the reason, and the others
+    are imported.
     """
     out_dir = Path(out_dir)
+    xmls = [Path(x) for x in xmls]
+    root = Path(root) if root else Path(os.path.commonpath([x.parent for x in xmls]))
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     skipped: Counter[str] = Counter()
     bad_pages: dict[str, str] = {}
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["file_name", "text", "page"])
+    writer.writerow(["file_name", "text", "page", "folder"])
     n_lines = 0
     for xml in tqdm(sorted(xmls), desc="importing pages", unit="page"):
         try:
-            page = read_page(Path(xml))
+            page = read_page(xml)
             image = open_rgb(page.image)
         except (OSError, ValueError, ET.ParseError, IndexError) as e:
             # OSError covers a missing image and Pillow's unreadable ones.
             bad_pages[str(xml)] = f"{type(e).__name__}: {str(e).removeprefix(f'{xml}: ')}"
             continue
+        name = xml.relative_to(root).with_suffix("").as_posix()
+        folder = xml.parent.relative_to(root).as_posix()
+        folder = root.resolve().name if folder == "." else folder
+        (out_dir / "images" / name).parent.mkdir(parents=True, exist_ok=True)
         paper = paper_colour(image)
         for i, line in enumerate(page.lines):
             if not line.text:
@@ -174,9 +190,13 @@ def import_pages(xmls: Sequence[Path], out_dir: Path) -> Path:
             if len(line.polygon) < 3:
                 skipped["no polygon"] += 1
                 continue
-            name = f"images/{page.xml.stem}_{i:03d}.png"
-            crop_line(image, line.polygon, paper).save(out_dir / name)
-            writer.writerow([name, line.text, page.xml.stem])
+            crop = crop_line(image, line.polygon, paper)
+            if max_height and crop.height > max_height:
+                width = max(1, round(crop.width * max_height / crop.height))
+                crop = crop.resize((width, max_height), Image.Resampling.LANCZOS)
+            file_name = f"images/{name}_{i:03d}.png"
+            crop.save(out_dir / file_name)
+            writer.writerow([file_name, line.text, name, folder])
             n_lines += 1
     if bad_pages:
         listing = write_skipped(out_dir, bad_pages)

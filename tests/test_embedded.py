@@ -104,6 +104,19 @@ def test_line_encoder_pretrains_with_its_own_ctc_head_and_keeps_it(tmp_path: Pat
     assert head.shape == (144, 256) and not torch.equal(head, fresh.encoder.ctc_head.weight)
 
 
+def test_a_new_layout_starts_under_the_shipped_decoder(tmp_path: Path):
+    """--decoder-from: the new encoder is fresh, the decoder is the shipped one's (lr 0, so
+    the saved model is the starting point)."""
+    args = ["--out", str(tmp_path), "--batch-size", "2", "--workers", "0", "--eval-lines", "2"]
+    fresh = ["--layout", "strips64", "--decoder-from", "embedded"]
+    pretrain([*args, *fresh, "--steps", "1", "--lr", "0", "--eval-every", "1"])
+    model = load_pretrained(str(tmp_path / "model"))[0]
+    shipped = load_pretrained("embedded")[0]
+    for name, weight in shipped.decoder.state_dict().items():
+        torch.testing.assert_close(model.decoder.state_dict()[name], weight)
+    assert model.config.encoder.patch_size == [64, 8]
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_layout_reloads_and_reads_the_same(tmp_path: Path, layout: str):
     """Saved and loaded back through load_pretrained (the custom line encoder by its

@@ -16,15 +16,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from transformers import (
+    BaseImageProcessor,
     DonutImageProcessor,
     DonutSwinConfig,
+    PretrainedConfig,
     TrOCRProcessor,
     VisionEncoderDecoderModel,
     ViTConfig,
 )
 
 from hwr.embedded.encoder import LineEncoderConfig
-from hwr.embedded.tiny import char_tokenizer, encoder_decoder, trocr_layout
+from hwr.embedded.tiny import char_tokenizer, encoder_decoder, squash_processor
 
 WEIGHTS = Path(__file__).parents[1] / "weights" / "embedded"
 
@@ -51,33 +53,22 @@ def _keep_aspect(height: int, width: int) -> DonutImageProcessor:
     )
 
 
-def _strips40(tokenizer, seed: int):
-    """The first shipped layout: squashed to 40x640, 128 full-height ViT strips."""
-    encoder = {
-        "image_size": [40, 640],
-        "patch_size": [40, 5],
-        "hidden_size": 256,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 4,
-        "intermediate_size": 1024,
-    }
-    return trocr_layout(tokenizer, encoder, DECODER, (40, 640), seed=seed)
-
-
-def _strips64(tokenizer, seed: int):
-    """Taller, aspect kept: 64x1024, 128 full-height ViT strips 8 px wide."""
+def _strips(
+    size: tuple[int, int], image_processor: BaseImageProcessor
+) -> tuple[PretrainedConfig, BaseImageProcessor]:
+    """ViT cutting the line into 128 full-height strips (one row of patches)."""
     encoder = ViTConfig(
-        image_size=[64, 1024],
-        patch_size=[64, 8],
+        image_size=list(size),
+        patch_size=[size[0], size[1] // 128],
         hidden_size=256,
         num_hidden_layers=8,
         num_attention_heads=4,
         intermediate_size=1024,
     )
-    return encoder_decoder(tokenizer, encoder, DECODER, _keep_aspect(64, 1024), seed)
+    return encoder, image_processor
 
 
-def _swin64(tokenizer, seed: int):
+def _swin64(tokenizer) -> tuple[PretrainedConfig, BaseImageProcessor]:
     """Stock transformers only: a DonutSwin encoder (as Donut pairs one with a decoder)."""
     encoder = DonutSwinConfig(
         image_size=[64, 1024],
@@ -87,10 +78,10 @@ def _swin64(tokenizer, seed: int):
         num_heads=[2, 4, 8],
         window_size=4,
     )
-    return encoder_decoder(tokenizer, encoder, DECODER, _keep_aspect(64, 1024), seed)
+    return encoder, _keep_aspect(64, 1024)
 
 
-def _conv64(tokenizer, seed: int):
+def _conv64(tokenizer) -> tuple[PretrainedConfig, BaseImageProcessor]:
     """Taller, aspect kept, a convolutional stem and a CTC head (hwr.embedded.encoder)."""
     encoder = LineEncoderConfig(
         image_size=[64, 1024],
@@ -98,11 +89,18 @@ def _conv64(tokenizer, seed: int):
         ctc_vocab_size=len(tokenizer),
         ctc_blank_id=tokenizer.pad_token_id,
     )
-    return encoder_decoder(tokenizer, encoder, DECODER, _keep_aspect(64, 1024), seed)
+    return encoder, _keep_aspect(64, 1024)
 
 
 # The layouts compared at equal CPU minutes (model card); LAYOUT is the one shipped.
-LAYOUTS = {"strips40": _strips40, "strips64": _strips64, "swin64": _swin64, "conv64": _conv64}
+LAYOUTS = {
+    # The first shipped layout: squashed to 40x640, strips of 40x5.
+    "strips40": lambda tokenizer: _strips((40, 640), squash_processor((40, 640))),
+    # Taller, aspect kept: 64x1024, strips of 64x8.
+    "strips64": lambda tokenizer: _strips((64, 1024), _keep_aspect(64, 1024)),
+    "swin64": _swin64,
+    "conv64": _conv64,
+}
 LAYOUT = "strips40"
 
 
@@ -110,7 +108,9 @@ def build_embedded(
     seed: int = 0, layout: str = LAYOUT
 ) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
     """The embedded model's layout with fresh weights, and its processor."""
-    return LAYOUTS[layout](char_tokenizer(), seed)
+    tokenizer = char_tokenizer()
+    encoder, image_processor = LAYOUTS[layout](tokenizer)
+    return encoder_decoder(tokenizer, encoder, DECODER, image_processor, seed)
 
 
 def embedded_path() -> Path:

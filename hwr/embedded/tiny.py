@@ -109,14 +109,18 @@ def bpe_tokenizer(texts: Iterable[str], vocab_size: int = 400) -> RobertaTokeniz
 def trocr_layout(
     tokenizer, encoder: dict, decoder: dict, image_size: tuple[int, int], seed: int = 0
 ) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
-    """A fresh VisionEncoderDecoder (ViT encoder, TrOCR decoder) and its processor; the
-    processor squashes every image to image_size, as TrOCR's does."""
-    image_processor = ViTImageProcessor(
+    """A fresh VisionEncoderDecoder (ViT encoder, TrOCR decoder) and its processor."""
+    processor = squash_processor(image_size)
+    return encoder_decoder(tokenizer, ViTConfig(**encoder), decoder, processor, seed)
+
+
+def squash_processor(image_size: tuple[int, int]) -> ViTImageProcessor:
+    """Every image resized to image_size whatever its aspect, as TrOCR's processor does."""
+    return ViTImageProcessor(
         size={"height": image_size[0], "width": image_size[1]},
         image_mean=[0.5] * 3,
         image_std=[0.5] * 3,
     )
-    return encoder_decoder(tokenizer, ViTConfig(**encoder), decoder, image_processor, seed)
 
 
 def encoder_decoder(

@@ -23,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = verbs.add_parser("import-xml", help="ALTO / PAGE XML with page images -> line CSV")
-    p.add_argument("pages", type=Path, help="a folder of XML files (searched recursively)")
+    p.add_argument(
+        "pages", type=Path, nargs="+", help="folders of XML files (searched recursively)"
+    )
     p.add_argument("--out", type=Path, required=True, help="folder for lines.csv and images/")
     p.add_argument("--max-height", type=int, help="scale taller lines down to this many pixels")
 
@@ -69,10 +71,11 @@ def run(args: argparse.Namespace) -> None:
     if args.verb == "import-xml":
         from hwr.pages.xml_import import import_pages
 
-        xmls = sorted(args.pages.rglob("*.xml"))
+        xmls = sorted(x for folder in args.pages for x in folder.rglob("*.xml"))
         if not xmls:
-            raise SystemExit(f"hwr import-xml: no .xml files under {args.pages}")
-        import_pages(xmls, args.out, root=args.pages, max_height=args.max_height)
+            folders = ", ".join(map(str, args.pages))
+            raise SystemExit(f"hwr import-xml: no .xml files under {folders}")
+        import_pages(xmls, args.out, max_height=args.max_height)
     elif args.verb == "segment":
         from hwr.pages.segment import segment_pages
 

@@ -113,13 +113,14 @@ def test_pages_that_cannot_be_read_are_listed_and_the_rest_imported(tmp_path: Pa
 
 def test_corpora_filed_one_hand_per_folder_keep_their_folders(tmp_path: Path):
     """As HTR-United corpora are: pages with the same name in two folders stay apart, each
-    line says its folder (to split by hand), and tall lines come out max_height high."""
+    line says its folder (to split by hand), tall lines come out max_height high, and XML
+    filed in alto/ beside the images finds them."""
     image, boxes = make_page(tmp_path, n=1)
     x0, y0, x1, y1, _ = boxes[0]
-    for hand in ("hand-a", "hand-b"):
-        (tmp_path / "corpus" / hand).mkdir(parents=True)
+    for hand, xml_dir in (("hand-a", "hand-a"), ("hand-b", "hand-b/alto")):
+        (tmp_path / "corpus" / xml_dir).mkdir(parents=True)
         shutil.copy(image, tmp_path / "corpus" / hand / "f1.png")
-        (tmp_path / "corpus" / hand / "f1.xml").write_text(
+        (tmp_path / "corpus" / xml_dir / "f1.xml").write_text(
             '<PcGts xmlns="http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15">'
             '<Page imageFilename="f1.png" imageWidth="0" imageHeight="0"><TextRegion id="r">'
             f'<TextLine id="l"><Coords points="{x0},{y0} {x1},{y0} {x1},{y1} {x0},{y1}"/>'
@@ -133,7 +134,7 @@ def test_corpora_filed_one_hand_per_folder_keep_their_folders(tmp_path: Path):
         rows = list(csv.DictReader(f))
     assert [(r["text"], r["folder"], r["page"]) for r in rows] == [
         ("hand-a", "hand-a", "hand-a/f1"),
-        ("hand-b", "hand-b", "hand-b/f1"),
+        ("hand-b", "hand-b/alto", "hand-b/alto/f1"),
     ]
     crops = [Image.open(tmp_path / "out" / r["file_name"]) for r in rows]
     assert [c.height for c in crops] == [40, 40] and crops[0].width > 4 * 40

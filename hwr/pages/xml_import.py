@@ -59,16 +59,19 @@ def _points(text: str) -> list[Point]:
 
 
 def _find_image(xml: Path, name: str | None) -> Path:
-    """The image the XML names, else one beside it with the XML's name."""
-    candidates = [xml.parent / name] if name else []
-    candidates += [xml.with_suffix(s) for s in IMAGE_SUFFIXES]
+    """The image the XML names, else one with the XML's name: beside it, or one folder up
+    (exports that file their XML in alto/ or page/ beside the images)."""
+    candidates = []
+    for folder in (xml.parent, xml.parent.parent):
+        candidates += [folder / name] if name else []
+        candidates += [folder / f"{xml.stem}{s}" for s in IMAGE_SUFFIXES]
     for path in candidates:
         if path.is_file():
             return path
     named = f"{name} (named in the XML) or " if name else ""
     raise FileNotFoundError(
         f"{xml}: page image not found: no {named}{xml.stem}"
-        f"{{{','.join(IMAGE_SUFFIXES)}}} in {xml.parent}"
+        f"{{{','.join(IMAGE_SUFFIXES)}}} in {xml.parent} or {xml.parent.parent}"
     )
 
 

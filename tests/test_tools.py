@@ -129,7 +129,7 @@ def test_corpora_filed_one_hand_per_folder_keep_their_folders(tmp_path: Path):
             encoding="utf-8",
         )
     xmls = sorted((tmp_path / "corpus").rglob("*.xml"))
-    csv_path = import_pages(xmls, tmp_path / "out", root=tmp_path / "corpus", max_height=40)
+    csv_path = import_pages(xmls, tmp_path / "out", max_height=40)
     with csv_path.open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [(r["text"], r["folder"], r["page"]) for r in rows] == [

@@ -152,26 +152,33 @@ class Progress:
         return min(1.0, max(self.step / self.steps, self.by_time()))
 
 
-def ctc_head(model: VisionEncoderDecoderModel) -> tuple[nn.Module, bool]:
-    """The encoder's own CTC head (hwr.embedded.encoder: saved with the model), or a new one
-    for a ViT's strips, dropped at the end; and whether the head is the encoder's own."""
+class StripHead(nn.Linear):
+    """A CTC head over a ViT's strips (its CLS token dropped), trained beside the model and
+    dropped at the end: kept in the checkpoint, not in the saved model."""
+
+    def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(encoder_states[:, 1:])
+
+
+def ctc_head(model: VisionEncoderDecoderModel) -> nn.Module:
+    """The encoder's own CTC head (hwr.embedded.encoder: saved with the model), or a
+    StripHead for a ViT."""
     own = getattr(model.encoder, "ctc_head", None)
     if own is not None:
-        return own, True
+        return own
     if model.config.encoder.model_type != "vit":
         raise SystemExit(
             f"--ctc-weight needs an encoder whose outputs run along the line (ViT strips or "
             f"hwr's line encoder), not {model.config.encoder.model_type}: give --ctc-weight 0"
         )
-    return nn.Linear(model.config.encoder.hidden_size, model.config.decoder.vocab_size), False
+    return StripHead(model.config.encoder.hidden_size, model.config.decoder.vocab_size)
 
 
 def ctc_loss(
-    head: nn.Module, own: bool, encoder_states: torch.Tensor, labels: torch.Tensor, tok
+    head: nn.Module, encoder_states: torch.Tensor, labels: torch.Tensor, tok
 ) -> torch.Tensor:
-    """CTC over the encoder's columns (a ViT's CLS dropped) against each line's characters."""
-    logp = head(encoder_states if own else encoder_states[:, 1:]).float().log_softmax(-1)
-    logp = logp.transpose(0, 1)
+    """CTC over the encoder's columns against each line's characters."""
+    logp = head(encoder_states).float().log_softmax(-1).transpose(0, 1)
     keep = (labels >= 0) & (labels != tok.bos_token_id) & (labels != tok.eos_token_id)
     return F.ctc_loss(
         logp,
@@ -305,12 +312,11 @@ def real_datasets(
         lines = read_lines(csv_path, group_by=group_column(csv_path), skip_bad_rows=True)
         kept, dropped = [], Counter()
         for line in lines:
-            text = to_alphabet(line.text, alphabet)
             if exclude and re.search(exclude, line.group or ""):
                 dropped["excluded"] += 1
             elif is_boilerplate(line.text):
                 dropped["boilerplate"] += 1
-            elif text is None:
+            elif (text := to_alphabet(line.text, alphabet)) is None:
                 dropped["outside the alphabet"] += 1
             else:
                 kept.append(dataclasses.replace(line, text=text))
@@ -383,12 +389,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         wire_token_ids(model, processor, max_new_tokens=100)
     initial = {k: v.clone() for k, v in model.state_dict().items()} if args.blend != 1.0 else {}
     tok = processor.tokenizer
-    head, own = ctc_head(model) if args.ctc_weight else (None, False)
+    head = ctc_head(model) if args.ctc_weight else None
+    strip_head = head if isinstance(head, StripHead) else None  # trained beside the model
     model.to(device).train()
     real, sentences = real_datasets(args.real, set(tok.get_vocab()), args.exclude)
     evals = {"fonts": RenderedLines(processor, HELD_OUT_FONTS, args.eval_lines, seed=12345)}
-    if real["val"] and real["val"][0][1]:
-        evals["val_writers"] = LineDataset(real["val"][0][1], processor)
     if args.measure:
         for side in ("val", "test"):
             for name, lines in real[side]:
@@ -396,19 +401,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                     evals[f"{side}_{name}"] = LineDataset(lines, processor)
         print(json.dumps({k: score(model, processor, d) for k, d in evals.items()}, indent=1))
         return
+    if real["val"] and real["val"][0][1]:
+        evals["val_writers"] = LineDataset(real["val"][0][1], processor)
 
     params = [p for n, p in model.named_parameters() if "pooler" not in n]
-    if head is not None and not own:
-        head.to(device)
-        params += list(head.parameters())
+    if strip_head is not None:
+        strip_head.to(device)
+        params += list(strip_head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.05)
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt, progress = args.out / "last.pt", Progress(args.steps, args.minutes)
     if ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
-        if state.get("head") and head is not None and not own:
-            head.load_state_dict(state["head"])
+        if state.get("head") and strip_head is not None:
+            strip_head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
         progress = Progress(args.steps, args.minutes, state["step"], state["seconds"])
         print(f"resumed from {ckpt} at step {progress.step}")
@@ -434,9 +441,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prefetch_factor=4 if args.workers else None,
     )
     with open(args.out / "log.jsonl", "a") as log:
-        step = train_loop(
-            args, model, (head, own), processor, opt, loader, evals, progress, log, ckpt
-        )
+        step = train_loop(args, model, head, processor, opt, loader, evals, progress, log, ckpt)
     model.cpu()
     if args.blend != 1.0:
         # Weight interpolation (robust fine-tuning, "WiSE-FT"): on unseen writers it read
@@ -458,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def train_loop(
     args: argparse.Namespace,
     model: VisionEncoderDecoderModel,
-    ctc: tuple[nn.Module | None, bool],
+    head: nn.Module | None,
     processor: TrOCRProcessor,
     opt: torch.optim.Optimizer,
     loader: DataLoader,
@@ -469,7 +474,6 @@ def train_loop(
 ) -> int:
     """Step until progress reaches 1; score and checkpoint every --eval-every steps."""
     device, tok, step = next(model.parameters()).device, processor.tokenizer, progress.step
-    head, own = ctc
     params = [p for group in opt.param_groups for p in group["params"]]
 
     def lr_at(p: float) -> float:
@@ -494,7 +498,7 @@ def train_loop(
                 label_smoothing=0.1,
             )
             ctc = (
-                ctc_loss(head, own, out.encoder_last_hidden_state, labels, tok)
+                ctc_loss(head, out.encoder_last_hidden_state, labels, tok)
                 if head is not None
                 else torch.zeros(())
             )
@@ -528,7 +532,7 @@ def train_loop(
             log.flush()
             state = {
                 "model": model.state_dict(),
-                "head": head.state_dict() if head is not None and not own else {},
+                "head": head.state_dict() if isinstance(head, StripHead) else {},
                 "opt": opt.state_dict(),
                 "step": step,
                 "seconds": progress.seconds_spent(),

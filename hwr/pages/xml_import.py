@@ -148,16 +148,11 @@ def crop_line(
     return Image.composite(crop, background, mask)
 
 
-def import_pages(
-    xmls: Sequence[Path],
-    out_dir: Path,
-    root: Path | None = None,
-    max_height: int | None = None,
-) -> Path:
+def import_pages(xmls: Sequence[Path], out_dir: Path, max_height: int | None = None) -> Path:
     """Write out_dir/images/<page>_<n>.png and out_dir/lines.csv (file_name, text, page, folder).
 
-    Pages keep their place under root (the XMLs' common folder by default): a page is named
-    by its path there, and `folder` (its folder there, or root's name) tells documents or
+    Pages keep their place under the XMLs' common folder: a page is named by its path
+    there, and `folder` (its folder there, or the common folder's name) tells documents or
     hands apart in corpora filed one per folder, to split by. Lines taller than max_height
     are scaled down to it. A page that cannot be read (its image missing or broken, XML that
     is not ALTO or PAGE) is listed in out_dir/skipped.csv with the reason, and the others
@@ -165,7 +160,7 @@ def import_pages(
     """
     out_dir = Path(out_dir)
     xmls = [Path(x) for x in xmls]
-    root = Path(root) if root else Path(os.path.commonpath([x.parent for x in xmls]))
+    root = Path(os.path.commonpath([x.parent for x in xmls]))
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     skipped: Counter[str] = Counter()
     bad_pages: dict[str, str] = {}

@@ -104,17 +104,23 @@ def test_line_encoder_pretrains_with_its_own_ctc_head_and_keeps_it(tmp_path: Pat
     assert head.shape == (144, 256) and not torch.equal(head, fresh.encoder.ctc_head.weight)
 
 
-def test_a_new_layout_starts_under_the_shipped_decoder(tmp_path: Path):
-    """--decoder-from: the new encoder is fresh, the decoder is the shipped one's (lr 0, so
-    the saved model is the starting point)."""
+def test_a_new_layout_starts_from_the_shipped_model(tmp_path: Path):
+    """--warm-from: every shipped weight carries over (lr 0, so the saved model is the
+    starting point), the strip kernel resized from 40x5 to 64x8 with its sums kept."""
     args = ["--out", str(tmp_path), "--batch-size", "2", "--workers", "0", "--eval-lines", "2"]
-    fresh = ["--layout", "strips64", "--decoder-from", "embedded"]
+    fresh = ["--layout", "strips64", "--warm-from", "embedded"]
     pretrain([*args, *fresh, "--steps", "1", "--lr", "0", "--eval-every", "1"])
     model = load_pretrained(str(tmp_path / "model"))[0]
     shipped = load_pretrained("embedded")[0]
-    for name, weight in shipped.decoder.state_dict().items():
-        torch.testing.assert_close(model.decoder.state_dict()[name], weight)
-    assert model.config.encoder.patch_size == [64, 8]
+    kernel = "encoder.embeddings.patch_embeddings.projection.weight"
+    weights, donor = model.state_dict(), shipped.state_dict()
+    for name, weight in donor.items():
+        if name != kernel and "pooler" not in name:
+            torch.testing.assert_close(weights[name], weight, msg=name)
+    assert weights[kernel].shape[2:] == (64, 8) and donor[kernel].shape[2:] == (40, 5)
+    sums = torch.stack([w[kernel].sum(dim=(2, 3)).flatten() for w in (weights, donor)])
+    assert torch.corrcoef(sums)[0, 1] > 0.99  # each strip filter responds to ink as before,
+    assert 0.9 < sums[0].norm() / sums[1].norm() < 1.1  # and as strongly
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -138,9 +144,9 @@ def test_every_layout_reloads_and_reads_the_same(tmp_path: Path, layout: str):
         processor.image_processor.size["height"],
         processor.image_processor.size["width"],
     ]
-    if layout == "conv64":  # a plain transformers load, after `import hwr` alone
+    if layout == "conv64":  # a plain transformers load, after `import hwr.embedded` alone
         load = (
-            "import hwr, sys; from transformers import VisionEncoderDecoderModel as M; "
+            "import hwr.embedded, sys; from transformers import VisionEncoderDecoderModel as M; "
             "M.from_pretrained(sys.argv[1])"
         )
         subprocess.run([sys.executable, "-c", load, str(tmp_path)], check=True)

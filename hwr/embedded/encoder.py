@@ -10,9 +10,10 @@ read the columns. A CTC head on the columns is trained with the decoder and kept
 weights: its best path (`ctc_logits`, then `ctc_greedy`) is a one-pass reading that
 cannot loop.
 
-Not a stock transformers class: it is registered with AutoConfig/AutoModel when hwr is
-imported, so `VisionEncoderDecoderModel.from_pretrained` loads a saved model after
-`import hwr`.
+Not a stock transformers class: it is registered with AutoConfig/AutoModel when
+`hwr.embedded` is imported (as hwr's own loading does), so
+`VisionEncoderDecoderModel.from_pretrained` loads a saved model after `import hwr.embedded`.
+Not on `import hwr` itself: that would load torch and transformers for every `hwr` command.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ the name): ~80% train, ~10% val (the first folder's val writers are scored while
 training), ~10% test (`--measure` only). Page furniture and text outside the tokenizer's
 alphabet are left out. Every --eval-every steps it writes out/last.pt; rerunning the
 same command resumes from there. `--init` starts a new run from a saved model (e.g.
-`--init embedded` refines the shipped one); `--blend` then saves a mix of the two (rerun
+`--init embedded` refines the shipped one); `--warm-from` starts a new `--layout` from
+a saved model's weights; `--blend` then saves a mix of the two (rerun
 a finished run with another --blend to save another mix).
 """
 
@@ -54,6 +55,25 @@ from hwr.embedded.synth import HELD_OUT_FONTS, TRAIN_FONTS, TextSource, render_l
 from hwr.metrics import TextMetrics
 from hwr.model import export, load_pretrained, read_batch, wire_token_ids
 from hwr.report import atomic_write
+
+
+def warm_start(model: nn.Module, donor: nn.Module) -> list[str]:
+    """Copy the donor's weights into the model wherever names and shapes match, and a ViT
+    strip kernel resized to the new strip (its sum kept, so ink embeds alike): a new layout
+    then starts reading where the shipped model stands. Returns the names left fresh."""
+    own = model.state_dict()
+    taken = {}
+    for name, weight in donor.state_dict().items():
+        if name not in own:
+            continue
+        shape = own[name].shape
+        if weight.shape == shape:
+            taken[name] = weight
+        elif name.endswith("patch_embeddings.projection.weight") and weight.shape[:2] == shape[:2]:
+            area = weight.shape[2] * weight.shape[3] / (shape[2] * shape[3])
+            taken[name] = F.interpolate(weight, size=shape[2:], mode="bilinear") * area
+    model.load_state_dict(taken, strict=False)
+    return sorted(own.keys() - taken.keys())
 
 
 def real_augment(height: int, stroke_width: float = 0.3) -> v2.Compose:
@@ -345,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--layout", choices=LAYOUTS, default=LAYOUT, help="a fresh model's layout")
     ap.add_argument("--stroke-width", type=float, default=0.3, help="thicker/thinner ink, p")
     ap.add_argument(
-        "--decoder-from", help="a fresh model's decoder from this saved model (e.g. embedded)"
+        "--warm-from", help="a fresh layout starts from this saved model's weights (e.g. embedded)"
     )
     ap.add_argument("--init", type=Path, help="start from this saved model (folder or name)")
     ap.add_argument("--steps", type=int, default=100_000, help="schedule length in steps")
@@ -379,13 +399,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         model, processor = load_pretrained(str(args.init), max_new_tokens=100)
     else:
         model, processor = build_embedded(args.seed, args.layout)
-        if args.decoder_from:  # the language half learnt already; the new encoder learns to feed it
-            donor = load_pretrained(args.decoder_from)[0].decoder.state_dict()
-            try:
-                model.decoder.load_state_dict(donor)
-            except RuntimeError as e:
-                why = f"--decoder-from {args.decoder_from}: another decoder ({e})"
-                raise SystemExit(why) from e
+        if args.warm_from:
+            fresh = warm_start(model, load_pretrained(args.warm_from)[0])
+            print(f"--warm-from {args.warm_from}: fresh {', '.join(fresh) or 'nothing'}")
         wire_token_ids(model, processor, max_new_tokens=100)
     initial = {k: v.clone() for k, v in model.state_dict().items()} if args.blend != 1.0 else {}
     tok = processor.tokenizer

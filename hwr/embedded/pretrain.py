@@ -14,7 +14,9 @@ Real lines come from one or more folders with a lines.csv (`hwr import-xml` writ
 them), each split by writer (its `writer` column, else `folder`, else `page`; a hash of
 the name): ~80% train, ~10% val (the first folder's val writers are scored while
 training), ~10% test (`--measure` only). Page furniture and text outside the tokenizer's
-alphabet are left out. Every --eval-every steps it writes out/last.pt; rerunning the
+alphabet are left out. Training lines are drawn in proportion to each folder's size, or
+to its `--real-shares` (a big corpus of a few clerks otherwise lends its words to every
+unseen hand). Every --eval-every steps it writes out/last.pt; rerunning the
 same command resumes from there. `--init` starts a new run from a saved model (e.g.
 `--init embedded` refines the shipped one); `--warm-from` starts a new `--layout` from
 a saved model's weights; `--blend` then saves a mix of the two (rerun
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -119,12 +122,14 @@ def writer_split(writer: str) -> str:
 
 class LineStream(IterableDataset):
     """Endless training lines: rendered in TRAIN_FONTS (lengths growing with progress)
-    or, with a share that grows from real_share[0] to real_share[1], real augmented lines."""
+    or, with a share that grows from real_share[0] to real_share[1], real augmented lines
+    (drawn by `weights`, one per line, if given)."""
 
     def __init__(
         self,
         processor,
         real: LineDataset | None,
+        weights: Sequence[float] | None,
         sentences: Sequence[str],
         seed: int,
         short_first: float,
@@ -132,6 +137,7 @@ class LineStream(IterableDataset):
         progress,
     ) -> None:
         self.processor, self.real, self.sentences = processor, real, sentences
+        self.cum_weights = list(itertools.accumulate(weights)) if weights else None
         self.seed, self.short_first, self.real_share = seed, short_first, real_share
         self.progress = progress
 
@@ -144,7 +150,8 @@ class LineStream(IterableDataset):
         while True:
             p = self.progress()
             if self.real and rng.random() < start + (end - start) * p:
-                yield self.real[rng.randrange(len(self.real))]
+                lines = range(len(self.real))
+                yield self.real[rng.choices(lines, cum_weights=self.cum_weights)[0]]
                 continue
             ramp = min(1.0, p / self.short_first) if self.short_first else 1.0
             text = texts.line(max_chars=round(8 + 72 * ramp))
@@ -325,7 +332,7 @@ def real_datasets(
 ) -> tuple[dict[str, list], list[str]]:
     """Real lines from each folder's lines.csv by side of the writer split (boilerplate,
     lines of groups matching `exclude` and text outside the alphabet left out), and the
-    training side's texts. Sides are by corpus: `by["val"]` holds one list per folder."""
+    training side's texts. Each side holds one (name, lines) per folder."""
     by: dict[str, list] = {"train": [], "val": [], "test": []}
     for folder in folders:
         csv_path = Path(folder) / "lines.csv"
@@ -345,10 +352,20 @@ def real_datasets(
         sides = {"train": [], "val": [], "test": []}
         for line in kept:
             sides[writer_split(line.group or "")].append(line)
-        by["train"] += sides["train"]
-        by["val"].append((Path(folder).name, sides["val"]))
-        by["test"].append((Path(folder).name, sides["test"]))
-    return by, [line.text for line in by["train"]]
+        for side, lines in sides.items():
+            by[side].append((Path(folder).name, lines))
+    return by, [line.text for _, lines in by["train"] for line in lines]
+
+
+def line_weights(train: Sequence[tuple[str, list]], shares: Sequence[float]) -> list[float]:
+    """One draw weight per training line, so that each corpus comes up in its share."""
+    if len(shares) != len(train):
+        raise SystemExit(
+            f"--real-shares gives {len(shares)} shares for {len(train)} --real folders: "
+            "give one per folder, in the same order"
+        )
+    pairs = zip(shares, train, strict=True)
+    return [share / len(lines) for share, (_, lines) in pairs for _ in lines]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -360,6 +377,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         nargs="*",
         default=[],
         help="folders with a lines.csv of real lines; the first one's val writers are scored",
+    )
+    ap.add_argument(
+        "--real-shares",
+        type=float,
+        nargs="*",
+        help="each --real folder's share of the real lines drawn (default: by its size)",
     )
     ap.add_argument("--exclude", help="leave out real lines whose writer/folder/page matches")
     ap.add_argument("--layout", choices=LAYOUTS, default=LAYOUT, help="a fresh model's layout")
@@ -401,12 +424,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         model, processor = build_embedded(args.seed, args.layout)
         if args.warm_from:
             fresh = warm_start(model, load_pretrained(args.warm_from)[0])
+            if any(name.startswith("decoder.") for name in fresh):
+                raise SystemExit(
+                    f"--warm-from {args.warm_from}: its decoder or tokenizer differs from the "
+                    f"embedded model's, so {', '.join(fresh)} would start fresh; warm-start "
+                    "from an embedded model (e.g. --warm-from embedded)"
+                )
             print(f"--warm-from {args.warm_from}: fresh {', '.join(fresh) or 'nothing'}")
         wire_token_ids(model, processor, max_new_tokens=100)
     initial = {k: v.clone() for k, v in model.state_dict().items()} if args.blend != 1.0 else {}
     tok = processor.tokenizer
     head = ctc_head(model) if args.ctc_weight else None
-    strip_head = head if isinstance(head, StripHead) else None  # trained beside the model
+    strip_head = head if isinstance(head, StripHead) else None  # trained and kept beside it
     model.to(device).train()
     real, sentences = real_datasets(args.real, set(tok.get_vocab()), args.exclude)
     evals = {"fonts": RenderedLines(processor, HELD_OUT_FONTS, args.eval_lines, seed=12345)}
@@ -437,11 +466,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"resumed from {ckpt} at step {progress.step}")
 
     height = processor.image_processor.size["height"]
+    train = [line for _, lines in real["train"] for line in lines]
     stream = LineStream(
         processor,
-        LineDataset(real["train"], processor, real_augment(height, args.stroke_width))
-        if real["train"]
-        else None,
+        LineDataset(train, processor, real_augment(height, args.stroke_width)) if train else None,
+        line_weights(real["train"], args.real_shares) if args.real_shares else None,
         sentences,
         args.seed + progress.step,
         args.short_first,
@@ -457,7 +486,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         prefetch_factor=4 if args.workers else None,
     )
     with open(args.out / "log.jsonl", "a") as log:
-        step = train_loop(args, model, head, processor, opt, loader, evals, progress, log, ckpt)
+        step = train_loop(
+            args, model, head, strip_head, processor, opt, loader, evals, progress, log, ckpt
+        )
     model.cpu()
     if args.blend != 1.0:
         # Weight interpolation (robust fine-tuning, "WiSE-FT"): on unseen writers it read
@@ -480,6 +511,7 @@ def train_loop(
     args: argparse.Namespace,
     model: VisionEncoderDecoderModel,
     head: nn.Module | None,
+    strip_head: StripHead | None,
     processor: TrOCRProcessor,
     opt: torch.optim.Optimizer,
     loader: DataLoader,
@@ -488,7 +520,8 @@ def train_loop(
     log: TextIO,
     ckpt: Path,
 ) -> int:
-    """Step until progress reaches 1; score and checkpoint every --eval-every steps."""
+    """Step until progress reaches 1; score and checkpoint every --eval-every steps (the
+    model and, where the CTC head is a StripHead beside it, that head)."""
     device, tok, step = next(model.parameters()).device, processor.tokenizer, progress.step
     params = [p for group in opt.param_groups for p in group["params"]]
 
@@ -548,7 +581,7 @@ def train_loop(
             log.flush()
             state = {
                 "model": model.state_dict(),
-                "head": head.state_dict() if isinstance(head, StripHead) else {},
+                "head": strip_head.state_dict() if strip_head is not None else {},
                 "opt": opt.state_dict(),
                 "step": step,
                 "seconds": progress.seconds_spent(),

@@ -18,6 +18,7 @@ from hwr.data import LineDataset, read_lines
 from hwr.embedded import LAYOUTS, WEIGHTS, build_embedded
 from hwr.embedded.encoder import ctc_greedy
 from hwr.embedded.pretrain import (
+    CoarseElastic,
     LineStream,
     is_boilerplate,
     line_weights,
@@ -136,6 +137,24 @@ def test_a_new_layout_starts_from_the_shipped_model(tmp_path: Path):
     sums = torch.stack([w[kernel].sum(dim=(2, 3)).flatten() for w in (weights, donor)])
     assert torch.corrcoef(sums)[0, 1] > 0.99  # each strip filter responds to ink as before,
     assert 0.9 < sums[0].norm() / sums[1].norm() < 1.1  # and as strongly
+
+
+def test_coarse_elastic_wobbles_like_torchvisions_elastic():
+    """The cheap field moves ink as far, and as smoothly, as torchvision's full-size one."""
+    from torchvision.transforms import v2
+
+    image = Image.new("RGB", (1200, 77), "white")
+    torch.manual_seed(0)
+    fields = {}
+    for warp in (v2.ElasticTransform, CoarseElastic):
+        params = warp(alpha=20.0, sigma=4.0).make_params
+        dx = torch.cat([params([image])["displacement"][..., 0] for _ in range(20)]) * 600
+        assert dx.shape == (20, 77, 1200)
+        reach = [(dx[:, :, :-k] * dx[:, :, k:]).mean() / dx.pow(2).mean() for k in (2, 8, 16)]
+        fields[warp] = (dx.std(), torch.stack(reach))
+    (tv_std, tv_reach), (std, reach) = fields.values()
+    assert 0.8 < std / tv_std < 1.2  # measured 0.92: ~0.4 px either way
+    torch.testing.assert_close(reach, tv_reach, atol=0.1, rtol=0)  # 0.94, 0.37, 0.01
 
 
 def test_warm_start_refuses_a_donor_whose_decoder_does_not_fit(

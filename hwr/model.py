@@ -21,6 +21,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import (
+    LogitsProcessorList,
     TrOCRProcessor,
     VisionEncoderDecoderModel,
     get_linear_schedule_with_warmup,
@@ -28,6 +29,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput
 
 from hwr.embedded import embedded_path
+from hwr.embedded.ctc import JOINT_WEIGHT, CTCPrefixScorer, ctc_loss, ctc_reader, load_strip_head
 from hwr.embedded.tiny import build_tiny
 from hwr.errors import UserError, require_count
 from hwr.images import open_rgb, reading_order
@@ -35,6 +37,9 @@ from hwr.metrics import TextMetrics
 from hwr.report import umask, write_json
 
 log = logging.getLogger(__name__)
+
+# The CTC head's share of the loss when tuning a model that has one (as in pre-training).
+CTC_LOSS = 0.5
 
 
 class ModelUnavailableError(UserError, OSError):
@@ -88,8 +93,16 @@ def load_pretrained(
         processor = TrOCRProcessor.from_pretrained(name_or_path, local_files_only=cache_only)
         # TrOCR's checkpoints were converted without the ViT pooler, which never feeds the
         # decoder: it loads random (and frozen, in TrOCRModule) without a load report.
-        with mock.patch.object(
-            VisionEncoderDecoderModel, "_keys_to_ignore_on_load_missing", [r"^encoder\.pooler\."]
+        # A ViT model's CTC head (hwr.embedded.ctc) is no part of the class: put back below.
+        with (
+            mock.patch.object(
+                VisionEncoderDecoderModel,
+                "_keys_to_ignore_on_load_missing",
+                [r"^encoder\.pooler\."],
+            ),
+            mock.patch.object(
+                VisionEncoderDecoderModel, "_keys_to_ignore_on_load_unexpected", [r"^ctc_head\."]
+            ),
         ):
             model = VisionEncoderDecoderModel.from_pretrained(
                 name_or_path, local_files_only=cache_only
@@ -113,6 +126,8 @@ def load_pretrained(
                 f"could not load it: not a local folder, and the hub has no such model ({cause})."
             )
         raise ModelUnavailableError(name_or_path, reason) from e
+    if local.exists():
+        load_strip_head(model, local)
     wire_token_ids(model, processor, max_new_tokens)
     return model, processor
 
@@ -162,9 +177,12 @@ def read_batch(
     max_new_tokens: int | None = None,
     confidence: bool = True,
     encoder_outputs: BaseModelOutput | None = None,
+    ctc_weight: float | None = None,
 ) -> tuple[list[str], list[float] | None]:
     """Decode a batch of processed line images (or the encoder's outputs for them, when
-    already computed); also each line's confidence, if asked.
+    already computed); also each line's confidence, if asked. A model with a CTC head reads
+    by joint CTC/attention decoding (hwr.embedded.ctc), the head's share `ctc_weight`
+    (None: JOINT_WEIGHT; 0: the decoder alone).
 
     Confidence is the geometric mean of the chosen tokens' probabilities, end token
     included: 1.0 when the model is sure of every character, lower where it hesitated.
@@ -173,12 +191,25 @@ def read_batch(
     # An explicit max_new_tokens=None would mean transformers' default of 20 tokens, not the
     # model's generation config: pass it only when set.
     limit = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    weight = JOINT_WEIGHT if ctc_weight is None else ctc_weight
+    head = ctc_reader(model) if weight else None
+    if head is not None and encoder_outputs is None:
+        encoder_outputs = model.encoder(pixel_values=pixel_values)
+    if encoder_outputs is not None:  # generate widens it in place for beams: a fresh one
+        encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state)
+    joint = []
+    if head is not None:
+        tok = processor.tokenizer
+        logits = head(encoder_outputs.last_hidden_state)
+        skip = {tok.bos_token_id}
+        joint = [CTCPrefixScorer(logits, tok.pad_token_id, tok.eos_token_id, skip, weight)]
     given = {"pixel_values": pixel_values} if encoder_outputs is None else {}
     out = model.generate(
         **given,
         encoder_outputs=encoder_outputs,
         num_beams=num_beams,
         **limit,
+        logits_processor=LogitsProcessorList(joint),
         output_scores=confidence,
         return_dict_in_generate=True,
     )
@@ -202,6 +233,7 @@ def read_images(
     num_beams: int = 1,
     max_new_tokens: int | None = None,
     bf16: bool = False,
+    ctc_weight: float | None = None,
 ) -> tuple[list[str], list[float]]:
     """Read line images in batches (in `reading_order`), on the model's device; texts and
     confidences in the images' order."""
@@ -212,7 +244,14 @@ def read_images(
         idx = order[start : start + batch_size]
         pixels = processor(images=[images[i] for i in idx], return_tensors="pt").pixel_values
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            got, conf = read_batch(model, processor, pixels.to(device), num_beams, max_new_tokens)
+            got, conf = read_batch(
+                model,
+                processor,
+                pixels.to(device),
+                num_beams,
+                max_new_tokens,
+                ctc_weight=ctc_weight,
+            )
         for i, text, c in zip(idx, got, conf, strict=True):
             texts[i], confidences[i] = text, c
     return texts, confidences
@@ -264,6 +303,7 @@ class TrOCRModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         warmup_ratio: float = 0.1,
         num_beams: int = 1,
+        ctc_weight: float | None = None,
         max_new_tokens: int = 128,
         log_examples: int = 4,
         compile_encoder: bool = False,
@@ -276,6 +316,11 @@ class TrOCRModule(L.LightningModule):
         # Checked before the model loads: a bad setting should not cost a minute.
         require_count("model.num_beams", num_beams, 1)
         require_count("model.max_new_tokens", max_new_tokens, 1)
+        if ctc_weight is not None and not 0.0 <= ctc_weight < 1.0:
+            raise UserError(
+                f"model.ctc_weight={ctc_weight}: must be in [0, 1) (0: the decoder alone), "
+                "or null for the default"
+            )
         if not 0.0 <= warmup_ratio < 1.0:
             raise UserError(f"model.warmup_ratio={warmup_ratio}: must be in [0, 1)")
         lr = getattr(optimizer, "keywords", {}).get("lr")
@@ -337,9 +382,16 @@ class TrOCRModule(L.LightningModule):
         return self.model
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The decoder's loss, plus CTC_LOSS x its CTC head's if it has one (so the head
+        keeps up with the encoder as it tunes, for joint decoding)."""
         # No key/value cache: one pass over the whole line needs none, and it would hold
         # every layer's keys and values until the step ends.
-        return self.model(pixel_values=pixel_values, labels=labels, use_cache=False).loss
+        out = self.model(pixel_values=pixel_values, labels=labels, use_cache=False)
+        head = ctc_reader(self.plain_model)
+        if head is None:
+            return out.loss
+        tok = self.processor.tokenizer
+        return out.loss + CTC_LOSS * ctc_loss(head, out.encoder_last_hidden_state, labels, tok)
 
     def read(
         self, pixel_values: torch.Tensor | None, encoder_outputs: BaseModelOutput | None = None
@@ -353,6 +405,7 @@ class TrOCRModule(L.LightningModule):
             self.hparams.max_new_tokens,
             confidence=False,
             encoder_outputs=encoder_outputs,
+            ctc_weight=self.hparams.ctc_weight,
         )
         return texts
 

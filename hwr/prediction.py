@@ -130,6 +130,7 @@ def predict(cfg: DictConfig) -> list[Reading]:
         cfg.model.num_beams,
         cfg.model.max_new_tokens,
         bf16=cfg.precision == "bf16",
+        ctc_weight=cfg.model.ctc_weight,
     )
     for reading, text, conf in zip(readings, texts, confidences, strict=True):
         reading.text, reading.confidence = text, round(conf, 4)

@@ -7,8 +7,8 @@ embedding is what lets a transformer learn handwriting from small data). Here fo
 3x3 convolutions (stride 2, 2, (2,1), 2) take a 64-pixel-high line to 4 rows of columns
 8 pixels apart, the rows are stacked into one vector per column, and ViT's own layers
 read the columns. A CTC head on the columns is trained with the decoder and kept in the
-weights: its best path (`ctc_logits`, then `ctc_greedy`) is a one-pass reading that
-cannot loop.
+weights: its best path (`ctc_logits`, then `hwr.embedded.ctc.ctc_greedy`) is a one-pass
+reading that cannot loop.
 
 Not a stock transformers class: it is registered with AutoConfig/AutoModel when
 `hwr.embedded` is imported (as hwr's own loading does), so
@@ -137,14 +137,6 @@ class LineEncoder(PreTrainedModel):
         if self.ctc_head is None:
             raise ValueError("This encoder was built without a CTC head (ctc_vocab_size=0).")
         return self.ctc_head(hidden)
-
-
-def ctc_greedy(logits: torch.Tensor, blank: int) -> list[list[int]]:
-    """Best path: the top id per column, repeats merged, blanks dropped."""
-    best = logits.argmax(-1)
-    keep = best != blank
-    keep[:, 1:] &= best[:, 1:] != best[:, :-1]
-    return [row[k].tolist() for row, k in zip(best, keep, strict=True)]
 
 
 AutoConfig.register(LineEncoderConfig.model_type, LineEncoderConfig)

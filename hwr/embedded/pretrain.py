@@ -7,8 +7,9 @@ Learning to read from scratch on a few thousand real lines fails: the decoder le
 French before the picture. So the model reads an endless stream of rendered lines in
 many fonts, short lines first, with real lines mixed in more and more as it goes; and a
 CTC loss on the encoder's columns (joint CTC/attention, as speech recognisers train)
-makes the encoder see characters from the start. A ViT's CTC head is dropped at the
-end; the line encoder's (`--layout conv64`) is part of it and saved with it.
+makes the encoder see characters from the start. The head (a ViT's StripHead, or the line
+encoder's own) is saved with the model: joint CTC/attention decoding reads with it
+(hwr.embedded.ctc).
 
 Real lines come from one or more folders with a lines.csv (`hwr import-xml` writes
 them), each split by writer (its `writer` column, else `folder`, else `page`; a hash of
@@ -37,7 +38,7 @@ import time
 import unicodedata
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from operator import methodcaller
 from pathlib import Path
@@ -54,7 +55,7 @@ from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
 from hwr.data import LineDataset, collate, encode_line, read_lines
 from hwr.embedded import LAYOUT, LAYOUTS, build_embedded
-from hwr.embedded.encoder import ctc_greedy
+from hwr.embedded.ctc import add_strip_head, ctc_greedy, ctc_loss, ctc_reader
 from hwr.embedded.synth import HELD_OUT_FONTS, TRAIN_FONTS, TextSource, render_line, synthetic_lines
 from hwr.metrics import TextMetrics
 from hwr.model import export, load_pretrained, read_batch, wire_token_ids
@@ -196,70 +197,63 @@ class Progress:
         return min(1.0, max(self.step / self.steps, self.by_time()))
 
 
-class StripHead(nn.Linear):
-    """A CTC head over a ViT's strips (its CLS token dropped), trained beside the model and
-    dropped at the end: kept in the checkpoint, not in the saved model."""
-
-    def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:
-        return super().forward(encoder_states[:, 1:])
-
-
-def ctc_head(model: VisionEncoderDecoderModel) -> nn.Module:
-    """The encoder's own CTC head (hwr.embedded.encoder: saved with the model), or a
-    StripHead for a ViT."""
-    own = getattr(model.encoder, "ctc_head", None)
-    if own is not None:
-        return own
+def add_ctc_head(model: VisionEncoderDecoderModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's CTC head: the line encoder's own, one it already has, or a new StripHead
+    over a ViT's strips (model.ctc_head); all are trained and saved with the model."""
+    head = ctc_reader(model)
+    if head is not None:
+        return head
     if model.config.encoder.model_type != "vit":
         raise SystemExit(
             f"--ctc-weight needs an encoder whose outputs run along the line (ViT strips or "
             f"hwr's line encoder), not {model.config.encoder.model_type}: give --ctc-weight 0"
         )
-    return StripHead(model.config.encoder.hidden_size, model.config.decoder.vocab_size)
-
-
-def ctc_loss(
-    head: nn.Module, encoder_states: torch.Tensor, labels: torch.Tensor, tok
-) -> torch.Tensor:
-    """CTC over the encoder's columns against each line's characters."""
-    logp = head(encoder_states).float().log_softmax(-1).transpose(0, 1)
-    keep = (labels >= 0) & (labels != tok.bos_token_id) & (labels != tok.eos_token_id)
-    return F.ctc_loss(
-        logp,
-        labels[keep],
-        input_lengths=torch.full((labels.shape[0],), logp.shape[0], dtype=torch.long),
-        target_lengths=keep.sum(1),
-        blank=tok.pad_token_id,
-        zero_infinity=True,
-    )
+    return add_strip_head(model)
 
 
 @torch.no_grad()
-def score(model, processor, dataset: Dataset, batch_size: int = 64) -> dict[str, float]:
+def score(
+    model, processor, dataset: Dataset, batch_size: int = 64, joint: float = 0.0
+) -> dict[str, float]:
     """Greedy-read a dataset: CER, WER, accuracy over its lines; the mean loss (teacher
-    forced: it tells layouts apart long before they read); the CTC head's CER, if any."""
+    forced: it tells layouts apart long before they read); the CTC head's CER, if any, and
+    with `joint` > 0 the CER of joint CTC/attention decoding at that weight."""
     model.eval()
     device = next(model.parameters()).device
-    metrics, ctc, losses = TextMetrics(), TextMetrics(), []
-    reads_ctc = getattr(model.encoder, "ctc_head", None) is not None
+    metrics, ctc, both, losses = TextMetrics(), TextMetrics(), TextMetrics(), []
+    head = ctc_reader(model)
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=2):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             encoded = model.encoder(pixel_values=batch["pixel_values"].to(device))
             labels = batch["labels"].to(device)
             losses.append(model(encoder_outputs=encoded, labels=labels).loss.item())
-            texts, _ = read_batch(model, processor, None, confidence=False, encoder_outputs=encoded)
-            if reads_ctc:
-                logits = model.encoder.ctc_logits(encoded.last_hidden_state)
+            texts, _ = read_batch(
+                model, processor, None, confidence=False, encoder_outputs=encoded, ctc_weight=0
+            )
+            if head is not None and joint:
+                got, _ = read_batch(
+                    model,
+                    processor,
+                    None,
+                    confidence=False,
+                    encoder_outputs=encoded,
+                    ctc_weight=joint,
+                )
+                both.update(got, batch["text"])
         metrics.update(texts, batch["text"])
-        if reads_ctc:
-            ids = ctc_greedy(logits, model.config.encoder.ctc_blank_id)
+        if head is not None:
+            ids = ctc_greedy(head(encoded.last_hidden_state), processor.tokenizer.pad_token_id)
             ctc.update(
                 [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)],
                 batch["text"],
             )
     model.train()
     scores = metrics.compute() | {"loss": sum(losses) / len(losses)}
-    return scores | ({"ctc_cer": ctc.compute()["cer"]} if reads_ctc else {})
+    if head is not None:
+        scores["ctc_cer"] = ctc.compute()["cer"]
+        if joint:
+            scores["joint_cer"] = both.compute()["cer"]
+    return scores
 
 
 class RenderedLines(Dataset):
@@ -429,6 +423,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     ap.add_argument("--chunks", type=Path, help="also save the final model here in <15 MB files")
     ap.add_argument("--measure", action="store_true", help="only score --init on held-out sets")
+    ap.add_argument(
+        "--joint", type=float, default=0.3, help="--measure also reads with this CTC weight"
+    )
     args = ap.parse_args(argv)
     if args.blend != 1.0 and not args.init:
         ap.error("--blend mixes the trained weights with --init's: give --init")
@@ -449,10 +446,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 )
             print(f"--warm-from {args.warm_from}: fresh {', '.join(fresh) or 'nothing'}")
         wire_token_ids(model, processor, max_new_tokens=100)
-    initial = {k: v.clone() for k, v in model.state_dict().items()} if args.blend != 1.0 else {}
     tok = processor.tokenizer
-    head = ctc_head(model) if args.ctc_weight else None
-    strip_head = head if isinstance(head, StripHead) else None  # trained and kept beside it
+    head = add_ctc_head(model) if args.ctc_weight and not args.measure else None
+    initial = {k: v.clone() for k, v in model.state_dict().items()} if args.blend != 1.0 else {}
     model.to(device).train()
     real, sentences = real_datasets(args.real, set(tok.get_vocab()), args.exclude)
     evals = {"fonts": RenderedLines(processor, HELD_OUT_FONTS, args.eval_lines, seed=12345)}
@@ -461,23 +457,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             for name, lines in real[side]:
                 if lines:
                     evals[f"{side}_{name}"] = LineDataset(lines, processor)
-        print(json.dumps({k: score(model, processor, d) for k, d in evals.items()}, indent=1))
+        scores = {k: score(model, processor, d, joint=args.joint) for k, d in evals.items()}
+        print(json.dumps(scores, indent=1))
         return
     if real["val"] and real["val"][0][1]:
         evals["val_writers"] = LineDataset(real["val"][0][1], processor)
 
     params = [p for n, p in model.named_parameters() if "pooler" not in n]
-    if strip_head is not None:
-        strip_head.to(device)
-        params += list(strip_head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.05)
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt, progress = args.out / "last.pt", Progress(args.steps, args.minutes)
     if ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
-        if state.get("head") and strip_head is not None:
-            strip_head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
         progress = Progress(args.steps, args.minutes, state["step"], state["seconds"])
         print(f"resumed from {ckpt} at step {progress.step}")
@@ -503,9 +495,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prefetch_factor=4 if args.workers else None,
     )
     with open(args.out / "log.jsonl", "a") as log:
-        step = train_loop(
-            args, model, head, strip_head, processor, opt, loader, evals, progress, log, ckpt
-        )
+        step = train_loop(args, model, head, processor, opt, loader, evals, progress, log, ckpt)
     model.cpu()
     if args.blend != 1.0:
         # Weight interpolation (robust fine-tuning, "WiSE-FT"): on unseen writers it read
@@ -527,8 +517,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def train_loop(
     args: argparse.Namespace,
     model: VisionEncoderDecoderModel,
-    head: nn.Module | None,
-    strip_head: StripHead | None,
+    head: Callable[[torch.Tensor], torch.Tensor] | None,
     processor: TrOCRProcessor,
     opt: torch.optim.Optimizer,
     loader: DataLoader,
@@ -537,8 +526,7 @@ def train_loop(
     log: TextIO,
     ckpt: Path,
 ) -> int:
-    """Step until progress reaches 1; score and checkpoint every --eval-every steps (the
-    model and, where the CTC head is a StripHead beside it, that head)."""
+    """Step until progress reaches 1; score and checkpoint every --eval-every steps."""
     device, tok, step = next(model.parameters()).device, processor.tokenizer, progress.step
     params = [p for group in opt.param_groups for p in group["params"]]
 
@@ -598,7 +586,6 @@ def train_loop(
             log.flush()
             state = {
                 "model": model.state_dict(),
-                "head": strip_head.state_dict() if strip_head is not None else {},
                 "opt": opt.state_dict(),
                 "step": step,
                 "seconds": progress.seconds_spent(),

@@ -1,0 +1,105 @@
+"""The CTC head: its prefix scores, joint decoding, and its life in saved models and tuning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import VisionEncoderDecoderModel
+
+from hwr.data import read_lines
+from hwr.embedded.ctc import CTCPrefixScorer, add_strip_head
+from hwr.model import TrOCRModule, export, load_pretrained, read_batch
+
+from .conftest import SAMPLE_CSV
+
+BLANK, EOS, START = 1, 2, 0
+
+
+@pytest.mark.parametrize("text", [[3, 4, 4, 5], [6], [3, 3, 3], []])
+def test_prefix_scores_add_up_to_the_ctc_probability_of_the_line(text: list[int]):
+    """Summed over a line's characters and its end, the gains are log p_ctc(line): the
+    forward recursion agrees with torch's CTC loss, repeats and the empty line included."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 12, 7) * 2
+    scorer = CTCPrefixScorer(logits, BLANK, EOS, skip={START}, weight=1.0, candidates=7)
+    ids, total = torch.full((2, 1), START), torch.zeros(2)
+    for token in [*text, EOS]:
+        total += scorer(ids, torch.zeros(2, 7))[:, token]
+        ids = torch.cat([ids, torch.full((2, 1), token)], 1)
+    logp = logits.log_softmax(-1).transpose(0, 1)
+    expected = -F.ctc_loss(
+        logp,
+        torch.tensor([text, text], dtype=torch.long).reshape(2, len(text)),
+        torch.tensor([12, 12]),
+        torch.tensor([len(text)] * 2),
+        blank=BLANK,
+        reduction="none",
+    )
+    torch.testing.assert_close(total, expected)
+
+
+def test_joint_decoding_keeps_to_the_picture_where_the_decoder_guesses():
+    """The decoder prefers a fluent wrong character at every step; the CTC head sees the
+    right ones (3, 5, 4): joined at weight 0.5, greedy reading writes what the head sees."""
+    truth, columns = [3, 5, 4], []
+    for token in truth:
+        columns += [token, BLANK]
+    logits = torch.full((1, len(columns), 9), -10.0)
+    logits[0, torch.arange(len(columns)), torch.tensor(columns)] = 10.0
+    scorer = CTCPrefixScorer(logits, BLANK, EOS, skip={START}, weight=0.5, candidates=4)
+    ids = torch.full((1, 1), START)
+    for _ in range(6):
+        decoder = torch.zeros(1, 9)
+        decoder[0, 6] = 3.0  # its favourite, every time
+        decoder[0, [*truth, EOS]] = 1.0
+        token = scorer(ids, decoder).argmax(-1, keepdim=True)
+        ids = torch.cat([ids, token], 1)
+        if token.item() == EOS:
+            break
+    assert ids[0, 1:].tolist() == [*truth, EOS]
+    alone = torch.zeros(1, 9)
+    alone[0, 6] = 3.0
+    assert alone.argmax().item() == 6  # what the decoder alone would have written
+
+
+def _with_head(tmp_path: Path) -> Path:
+    """The shipped model with an untrained CTC head over its strips, saved."""
+    model, processor = load_pretrained("embedded")
+    torch.manual_seed(1)
+    torch.nn.init.normal_(add_strip_head(model).weight, std=0.5)
+    export(model, processor, tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_a_saved_ctc_head_comes_back_and_reads_the_same(tmp_path: Path):
+    folder = _with_head(tmp_path)
+    model, processor = load_pretrained(str(folder), max_new_tokens=8)
+    again, _ = load_pretrained(str(folder), max_new_tokens=8)
+    torch.testing.assert_close(model.ctc_head.weight, again.ctc_head.weight)
+    image = Image.open(read_lines(SAMPLE_CSV)[0].image).convert("RGB")
+    pixels = processor(images=[image], return_tensors="pt").pixel_values
+    model.eval()
+    joint, _ = read_batch(model, processor, pixels, ctc_weight=0.5, confidence=False)
+    alone, _ = read_batch(model, processor, pixels, ctc_weight=0, confidence=False)
+    assert read_batch(again.eval(), processor, pixels, ctc_weight=0.5)[0] == joint
+    assert joint != alone  # the head takes part (untrained, it steers the reading its way)
+    # A plain transformers load leaves the head out and loads the rest.
+    plain = VisionEncoderDecoderModel.from_pretrained(folder)
+    assert not hasattr(plain, "ctc_head")
+
+
+def test_tuning_trains_the_ctc_head_with_the_decoder(tmp_path: Path):
+    """A model with a CTC head tunes on both losses, so the head keeps up with the encoder."""
+    module = TrOCRModule(str(_with_head(tmp_path)))
+    model = module.plain_model
+    pixels = torch.rand(2, 3, 40, 640)
+    labels = torch.tensor([[5, 6, 7, 2], [8, 9, 2, -100]])
+    decoder_loss = model(pixel_values=pixels, labels=labels, use_cache=False).loss
+    loss = module(pixels, labels)
+    assert loss > decoder_loss
+    loss.backward()
+    assert model.ctc_head.weight.grad.abs().sum() > 0

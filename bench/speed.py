@@ -22,7 +22,8 @@ ratio is the median of the turns' ratios.
           ../shared/data) as validation and evaluate.py do (train.py's configs, a
           Lightning validation) against predict's reading of the same lines.
   unseen  the embedded model reading those lines as predict.py ... batch_size=128
-          does, in float32 and bf16: lines/s and CER.
+          does, in float32 and bf16 (joint CTC/attention decoding, the default for a
+          model with a CTC head), and in bf16 by its decoder alone: lines/s and CER.
   data    decode + augment + process, as training's DataLoader does (2 workers).
   synth   hwr.embedded.synth rendering training lines, one process.
 The last line is `ratios: train X infer Y`: (c)/(a) of TrOCR-base at batch 2.
@@ -384,10 +385,12 @@ def read_predict(
     bf16: bool,
     fixed: bool = True,
     batch_size: int | None = None,
+    ctc_weight: float | None = None,
 ) -> float | None:
-    """predict.py's reading (hwr.model.read_images, predict's batch size unless given), of
-    the images as predict opens them; returns the CER of the last read (None when the
-    decoding is held at NEW_TOKENS)."""
+    """predict.py's reading (hwr.model.read_images, predict's batch size unless given, joint
+    CTC/attention decoding where the model has a CTC head unless ctc_weight=0), of the
+    images as predict opens them; returns the CER of the last read (None when the decoding
+    is held at NEW_TOKENS)."""
     from hwr.images import open_rgb
     from hwr.metrics import TextMetrics
     from hwr.model import load_pretrained, read_images
@@ -401,7 +404,9 @@ def read_predict(
     rows = _rows(csv_path, n)
     while True:
         images = [open_rgb(r["file_name"]) for r in rows]
-        got, _ = read_images(model, processor, images, batch_size or cfg.batch_size, bf16=bf16)
+        got, _ = read_images(
+            model, processor, images, batch_size or cfg.batch_size, bf16=bf16, ctc_weight=ctc_weight
+        )
         if not turns.tick(len(images)):
             break
     if fixed:  # random weights, held length: no reading to score
@@ -555,6 +560,10 @@ def main() -> None:
             {
                 "float32": (read_predict, (embedded, unseen, None, False, False, 128)),
                 "bf16": (read_predict, (embedded, unseen, None, True, False, 128)),
+                "bf16, decoder alone": (
+                    read_predict,
+                    (embedded, unseen, None, True, False, 128, 0.0),
+                ),
             },
         )
         if not args.quick:

@@ -104,8 +104,8 @@ class CTCPrefixScorer(LogitsProcessor):
     `blank` its blank id (the tokenizer's pad), `eos` the decoder's end id, `skip` ids that
     add nothing to the CTC prefix (<s>, which some decoders write first). Each call extends
     the previous call's prefixes (found by their ids, as beam search reorders its rows) by
-    the decoder's `candidates` likeliest characters, the only ones it may then choose
-    (ESPnet's pre-beam): a loop over the columns on (rows, candidates) tensors.
+    the character each chose, and scores the decoder's `candidates` likeliest characters,
+    the only ones it may then choose (ESPnet's pre-beam).
     """
 
     def __init__(
@@ -122,27 +122,28 @@ class CTCPrefixScorer(LogitsProcessor):
         self.weight, self.k = weight, candidates
         self.known: dict[tuple, int] = {}
 
-    def _extend(
-        self, x: torch.Tensor, r: torch.Tensor, last: torch.Tensor, empty: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward variables and prefix log-probability of each candidate extension.
+    @staticmethod
+    def _phi(r: torch.Tensor, repeat: torch.Tensor) -> torch.Tensor:
+        """Paths that may go on with a new character after each column: all of the prefix's
+        (r: rows, T, 2), or after the same character only those ending in a blank
+        (repeat: rows, K); (rows, T, K)."""
+        every = torch.logaddexp(r[..., 0], r[..., 1]).unsqueeze(-1)
+        return torch.where(repeat.unsqueeze(1), r[..., 1].unsqueeze(-1), every)
 
-        x (rows, T, K) the candidates' log-probs, xb (rows, T) the blank's; r (rows, T, 2)
-        the prefix's variables (ending in a character, in a blank); `last` (rows, K) marks
-        the candidate that repeats the prefix's last character."""
-        rows, steps, k = x.shape
-        xb = self.xb
-        phi = torch.logaddexp(r[..., 0], r[..., 1]).unsqueeze(-1).expand(rows, steps, k)
-        # After the same character, only a path through a blank starts a new one.
-        phi = torch.where(last.unsqueeze(1), r[..., 1].unsqueeze(-1), phi)
-        rn = torch.full_like(x, NEG)
-        rb = torch.full_like(x, NEG)
-        rn[:, 0] = torch.where(empty.unsqueeze(-1), x[:, 0], NEG)
-        for t in range(1, steps):
-            rn[:, t] = torch.logaddexp(rn[:, t - 1], phi[:, t - 1]) + x[:, t]
-            rb[:, t] = torch.logaddexp(rn[:, t - 1], rb[:, t - 1]) + xb[:, t, None]
-        psi = torch.logsumexp(torch.cat([rn[:, :1], phi[:, :-1] + x[:, 1:]], 1), dim=1)
-        return torch.stack([rn, rb], -1).transpose(1, 2), psi  # (rows, K, T, 2), (rows, K)
+    def _advance(
+        self, x: torch.Tensor, r: torch.Tensor, repeat: torch.Tensor, empty: torch.Tensor
+    ) -> torch.Tensor:
+        """The forward variables of each row's prefix extended by its chosen character (x:
+        its log-probs, rows x T). Each recursion over the columns, v[t] = logaddexp(v[t-1],
+        a[t-1]) + x[t], is the cumulative log-sum of a - cumsum(x) shifted back by cumsum(x):
+        a logcumsumexp, no loop (its terms run to thousands; float32 keeps ~1e-3 of a nat)."""
+        phi = self._phi(r, repeat.unsqueeze(-1))[..., 0]
+        start = torch.where(empty, x[:, 0], NEG).unsqueeze(1)
+        cx = F.pad(x[:, 1:], (1, 0)).cumsum(1)
+        rn = torch.logcumsumexp(torch.cat([start, (phi - cx)[:, :-1]], 1), 1) + cx
+        cb = F.pad(self.xb[:, 1:], (1, 0)).cumsum(1)
+        rb = torch.logcumsumexp(F.pad((rn - cb)[:, :-1], (1, 0), value=NEG), 1) + cb
+        return torch.stack([rn, rb], -1)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
         rows = scores.shape[0]
@@ -157,25 +158,31 @@ class CTCPrefixScorer(LogitsProcessor):
             psi = torch.zeros(rows, device=x.device)
             last = torch.full((rows,), -1, device=x.device)
             empty = torch.ones(rows, dtype=torch.bool, device=x.device)
-        else:
+        else:  # each row is a row of the last call (its parent) and one character more
             parent = torch.tensor([self.known[(i, ids[:-1])] for i, ids in keys])
             token = input_ids[:, -1]
             kept = torch.isin(token, torch.tensor(self.skip, dtype=token.dtype))
             pick = (self.cand[parent] == token.unsqueeze(-1)).int().argmax(1)
-            r = torch.where(kept[:, None, None], self.r[parent], self.ext_r[parent, pick])
-            psi = torch.where(kept, self.psi[parent], self.ext_psi[parent, pick])
-            last = torch.where(kept, self.last[parent], token)
-            empty = self.empty[parent] & kept
+            r, last, empty = self.r[parent], self.last[parent], self.empty[parent]
+            xc = x.gather(2, token.view(-1, 1, 1).expand(-1, x.shape[1], 1)).squeeze(-1)
+            grown = self._advance(xc, r, token == last, empty)
+            r = torch.where(kept[:, None, None], r, grown)
+            psi = torch.where(kept, self.psi[parent], self.cand_psi[parent, pick])
+            last = torch.where(kept, last, token)
+            empty = empty & kept
         logp = scores.float().log_softmax(-1)
         choosable = logp.clone()
         choosable[:, [self.blank, self.eos, *self.skip]] = NEG
         cand = choosable.topk(min(self.k, choosable.shape[1]), dim=1).indices  # (rows, K)
-        xc = x.gather(2, cand.unsqueeze(1).expand(-1, x.shape[1], -1))
-        self.ext_r, self.ext_psi = self._extend(xc, r, cand == last.unsqueeze(-1), empty)
+        xk = x.gather(2, cand.unsqueeze(1).expand(-1, x.shape[1], -1))
+        phi = self._phi(r, cand == last.unsqueeze(-1))
+        start = torch.where(empty.unsqueeze(-1), xk[:, 0], NEG).unsqueeze(1)
+        # Graves' prefix probability: the candidate's first column after any of the prefix's.
+        self.cand_psi = torch.logsumexp(torch.cat([start, phi[:, :-1] + xk[:, 1:]], 1), dim=1)
         self.r, self.psi, self.last, self.empty, self.cand = r, psi, last, empty, cand
         self.known = {key: row for row, key in enumerate(keys)}
         gain = torch.full_like(logp, NEG)
-        gain.scatter_(1, cand, self.ext_psi - psi.unsqueeze(-1))
+        gain.scatter_(1, cand, self.cand_psi - psi.unsqueeze(-1))
         gain[:, self.skip] = 0.0
         gain[:, self.eos] = torch.logaddexp(r[:, -1, 0], r[:, -1, 1]) - psi
         return (1 - self.weight) * logp + self.weight * gain

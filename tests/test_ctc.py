@@ -96,7 +96,7 @@ def test_tuning_trains_the_ctc_head_with_the_decoder(tmp_path: Path):
     """A model with a CTC head tunes on both losses, so the head keeps up with the encoder."""
     module = TrOCRModule(str(_with_head(tmp_path)))
     model = module.plain_model
-    pixels = torch.rand(2, 3, 40, 640)
+    pixels = torch.rand(2, 3, 64, 1024)
     labels = torch.tensor([[5, 6, 7, 2], [8, 9, 2, -100]])
     decoder_loss = model(pixel_values=pixels, labels=labels, use_cache=False).loss
     loss = module(pixels, labels)

@@ -2,8 +2,9 @@
 in the repository, so `model=embedded` reads handwriting with no network.
 
 Its layouts share a TrOCR decoder (4 layers, d_model 256) and a character tokenizer, and
-differ in how they see a line: `strips40` (shipped) squashes it to 40x640 and cuts it
-into 128 full-height ViT strips; `strips64` keeps the aspect at 64 px high;
+differ in how they see a line: `strips40` (shipped before) squashes it to 40x640 and cuts
+it into 128 full-height ViT strips; `strips64` (shipped, with a CTC head over its strips:
+hwr.embedded.ctc) keeps the aspect at 64 px high;
 `conv64` adds a convolutional stem and a CTC head (`hwr.embedded.encoder`); `swin64` is
 stock transformers only (DonutSwin). The model card compares them at equal CPU minutes.
 `hwr.embedded.pretrain` trains them on lines rendered by `hwr.embedded.synth` and real
@@ -101,7 +102,7 @@ LAYOUTS = {
     "swin64": _swin64,
     "conv64": _conv64,
 }
-LAYOUT = "strips40"
+LAYOUT = "strips64"
 
 
 def build_embedded(

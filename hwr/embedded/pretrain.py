@@ -55,7 +55,7 @@ from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
 from hwr.data import LineDataset, collate, encode_line, read_lines
 from hwr.embedded import LAYOUT, LAYOUTS, build_embedded
-from hwr.embedded.ctc import add_strip_head, ctc_greedy, ctc_loss, ctc_reader
+from hwr.embedded.ctc import JOINT_WEIGHT, add_strip_head, ctc_greedy, ctc_loss, ctc_reader
 from hwr.embedded.synth import HELD_OUT_FONTS, TRAIN_FONTS, TextSource, render_line, synthetic_lines
 from hwr.metrics import TextMetrics
 from hwr.model import export, load_pretrained, read_batch, wire_token_ids
@@ -76,7 +76,8 @@ def warm_start(model: nn.Module, donor: nn.Module) -> list[str]:
             taken[name] = weight
         elif name.endswith("patch_embeddings.projection.weight") and weight.shape[:2] == shape[:2]:
             area = weight.shape[2] * weight.shape[3] / (shape[2] * shape[3])
-            taken[name] = F.interpolate(weight, size=shape[2:], mode="bilinear") * area
+            resized = F.interpolate(weight, size=shape[2:], mode="bilinear", antialias=True)
+            taken[name] = resized * area
     model.load_state_dict(taken, strict=False)
     return sorted(own.keys() - taken.keys())
 
@@ -424,7 +425,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--chunks", type=Path, help="also save the final model here in <15 MB files")
     ap.add_argument("--measure", action="store_true", help="only score --init on held-out sets")
     ap.add_argument(
-        "--joint", type=float, default=0.3, help="--measure also reads with this CTC weight"
+        "--joint",
+        type=float,
+        default=JOINT_WEIGHT,
+        help="--measure also reads jointly, the CTC head's share this",
     )
     args = ap.parse_args(argv)
     if args.blend != 1.0 and not args.init:
@@ -436,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         model, processor = load_pretrained(str(args.init), max_new_tokens=100)
     else:
         model, processor = build_embedded(args.seed, args.layout)
+        if args.ctc_weight:  # before the warm start, which then fills it too if it can
+            add_ctc_head(model)
         if args.warm_from:
             fresh = warm_start(model, load_pretrained(args.warm_from)[0])
             if any(name.startswith("decoder.") for name in fresh):

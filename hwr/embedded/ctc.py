@@ -149,17 +149,24 @@ class CTCPrefixScorer(LogitsProcessor):
         rows = scores.shape[0]
         beams = rows // self.x.shape[0]
         item = torch.arange(rows, device=scores.device) // beams
-        x = self.x[item]
+        x = self.x if beams == 1 else self.x[item]
         self.xb = x[..., self.blank]
-        keys = [(i, tuple(ids)) for i, ids in zip(item.tolist(), input_ids.tolist(), strict=True)]
-        if not self.known:  # the first step: every prefix empty
+        # Greedy search keeps its rows in place; beam search's are found by their prefix.
+        keys = (
+            [(i, tuple(ids)) for i, ids in zip(item.tolist(), input_ids.tolist(), strict=True)]
+            if beams > 1
+            else []
+        )
+        if input_ids.shape[1] == 1:  # the first step: every prefix empty
             r = torch.full((rows, x.shape[1], 2), NEG, device=x.device)
             r[..., 1] = torch.cumsum(self.xb, 1)
             psi = torch.zeros(rows, device=x.device)
             last = torch.full((rows,), -1, device=x.device)
             empty = torch.ones(rows, dtype=torch.bool, device=x.device)
         else:  # each row is a row of the last call (its parent) and one character more
-            parent = torch.tensor([self.known[(i, ids[:-1])] for i, ids in keys])
+            parent = (
+                torch.tensor([self.known[(i, ids[:-1])] for i, ids in keys]) if beams > 1 else item
+            )
             token = input_ids[:, -1]
             kept = torch.isin(token, torch.tensor(self.skip, dtype=token.dtype))
             pick = (self.cand[parent] == token.unsqueeze(-1)).int().argmax(1)
@@ -180,7 +187,8 @@ class CTCPrefixScorer(LogitsProcessor):
         # Graves' prefix probability: the candidate's first column after any of the prefix's.
         self.cand_psi = torch.logsumexp(torch.cat([start, phi[:, :-1] + xk[:, 1:]], 1), dim=1)
         self.r, self.psi, self.last, self.empty, self.cand = r, psi, last, empty, cand
-        self.known = {key: row for row, key in enumerate(keys)}
+        if beams > 1:
+            self.known = {key: row for row, key in enumerate(keys)}
         gain = torch.full_like(logp, NEG)
         gain.scatter_(1, cand, self.cand_psi - psi.unsqueeze(-1))
         gain[:, self.skip] = 0.0

@@ -171,6 +171,12 @@ def test_warm_start_refuses_a_donor_whose_decoder_does_not_fit(
     assert not (tmp_path / "last.pt").exists()
 
 
+def test_warm_start_and_init_together_are_refused(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit):
+        pretrain(["--out", str(tmp_path), "--init", "embedded", "--warm-from", "embedded"])
+    assert "--warm-from starts a fresh --layout" in capsys.readouterr().err
+
+
 def test_real_shares_draw_each_corpus_in_its_share(tmp_path: Path):
     """--real-shares 1 1: a corpus of two lines comes up as often as one of six."""
     texts = SAMPLE_TEXT.splitlines()

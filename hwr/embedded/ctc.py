@@ -130,18 +130,24 @@ class CTCPrefixScorer(LogitsProcessor):
         every = torch.logaddexp(r[..., 0], r[..., 1]).unsqueeze(-1)
         return torch.where(repeat.unsqueeze(1), r[..., 1].unsqueeze(-1), every)
 
+    @staticmethod
     def _advance(
-        self, x: torch.Tensor, r: torch.Tensor, repeat: torch.Tensor, empty: torch.Tensor
+        x: torch.Tensor,
+        xb: torch.Tensor,
+        r: torch.Tensor,
+        repeat: torch.Tensor,
+        empty: torch.Tensor,
     ) -> torch.Tensor:
         """The forward variables of each row's prefix extended by its chosen character (x:
-        its log-probs, rows x T). Each recursion over the columns, v[t] = logaddexp(v[t-1],
-        a[t-1]) + x[t], is the cumulative log-sum of a - cumsum(x) shifted back by cumsum(x):
-        a logcumsumexp, no loop (its terms run to thousands; float32 keeps ~1e-3 of a nat)."""
-        phi = self._phi(r, repeat.unsqueeze(-1))[..., 0]
+        its log-probs, xb the blank's, rows x T). Each recursion over the columns,
+        v[t] = logaddexp(v[t-1], a[t-1]) + x[t], is the cumulative log-sum of a - cumsum(x)
+        shifted back by cumsum(x): a logcumsumexp, no loop (its terms run to thousands;
+        float32 keeps ~1e-3 of a nat)."""
+        phi = CTCPrefixScorer._phi(r, repeat.unsqueeze(-1))[..., 0]
         start = torch.where(empty, x[:, 0], NEG).unsqueeze(1)
         cx = F.pad(x[:, 1:], (1, 0)).cumsum(1)
         rn = torch.logcumsumexp(torch.cat([start, (phi - cx)[:, :-1]], 1), 1) + cx
-        cb = F.pad(self.xb[:, 1:], (1, 0)).cumsum(1)
+        cb = F.pad(xb[:, 1:], (1, 0)).cumsum(1)
         rb = torch.logcumsumexp(F.pad((rn - cb)[:, :-1], (1, 0), value=NEG), 1) + cb
         return torch.stack([rn, rb], -1)
 
@@ -150,7 +156,7 @@ class CTCPrefixScorer(LogitsProcessor):
         beams = rows // self.x.shape[0]
         item = torch.arange(rows, device=scores.device) // beams
         x = self.x if beams == 1 else self.x[item]
-        self.xb = x[..., self.blank]
+        xb = x[..., self.blank]
         # Greedy search keeps its rows in place; beam search's are found by their prefix.
         keys = (
             [(i, tuple(ids)) for i, ids in zip(item.tolist(), input_ids.tolist(), strict=True)]
@@ -159,7 +165,7 @@ class CTCPrefixScorer(LogitsProcessor):
         )
         if input_ids.shape[1] == 1:  # the first step: every prefix empty
             r = torch.full((rows, x.shape[1], 2), NEG, device=x.device)
-            r[..., 1] = torch.cumsum(self.xb, 1)
+            r[..., 1] = torch.cumsum(xb, 1)
             psi = torch.zeros(rows, device=x.device)
             last = torch.full((rows,), -1, device=x.device)
             empty = torch.ones(rows, dtype=torch.bool, device=x.device)
@@ -172,7 +178,7 @@ class CTCPrefixScorer(LogitsProcessor):
             pick = (self.cand[parent] == token.unsqueeze(-1)).int().argmax(1)
             r, last, empty = self.r[parent], self.last[parent], self.empty[parent]
             xc = x.gather(2, token.view(-1, 1, 1).expand(-1, x.shape[1], 1)).squeeze(-1)
-            grown = self._advance(xc, r, token == last, empty)
+            grown = self._advance(xc, xb, r, token == last, empty)
             r = torch.where(kept[:, None, None], r, grown)
             psi = torch.where(kept, self.psi[parent], self.cand_psi[parent, pick])
             last = torch.where(kept, last, token)

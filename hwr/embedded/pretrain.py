@@ -433,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.blend != 1.0 and not args.init:
         ap.error("--blend mixes the trained weights with --init's: give --init")
+    if args.warm_from and args.init:
+        ap.error("--warm-from starts a fresh --layout, --init goes on with a saved model: give one")
 
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -440,20 +442,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         model, processor = load_pretrained(str(args.init), max_new_tokens=100)
     else:
         model, processor = build_embedded(args.seed, args.layout)
-        if args.ctc_weight:  # before the warm start, which then fills it too if it can
-            add_ctc_head(model)
-        if args.warm_from:
-            fresh = warm_start(model, load_pretrained(args.warm_from)[0])
-            if any(name.startswith("decoder.") for name in fresh):
-                raise SystemExit(
-                    f"--warm-from {args.warm_from}: its decoder or tokenizer differs from the "
-                    f"embedded model's, so {', '.join(fresh)} would start fresh; warm-start "
-                    "from an embedded model (e.g. --warm-from embedded)"
-                )
-            print(f"--warm-from {args.warm_from}: fresh {', '.join(fresh) or 'nothing'}")
         wire_token_ids(model, processor, max_new_tokens=100)
-    tok = processor.tokenizer
+    # Before the warm start, which then fills the head too where the donor has one.
     head = add_ctc_head(model) if args.ctc_weight and not args.measure else None
+    if args.warm_from:
+        fresh = warm_start(model, load_pretrained(args.warm_from)[0])
+        if any(name.startswith("decoder.") for name in fresh):
+            raise SystemExit(
+                f"--warm-from {args.warm_from}: its decoder or tokenizer differs from the "
+                f"embedded model's, so {', '.join(fresh)} would start fresh; warm-start "
+                "from an embedded model (e.g. --warm-from embedded)"
+            )
+        print(f"--warm-from {args.warm_from}: fresh {', '.join(fresh) or 'nothing'}")
+    tok = processor.tokenizer
     initial = {k: v.clone() for k, v in model.state_dict().items()} if args.blend != 1.0 else {}
     model.to(device).train()
     real, sentences = real_datasets(args.real, set(tok.get_vocab()), args.exclude)

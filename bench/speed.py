@@ -1,6 +1,6 @@
 """Training and reading speed of hwr against the plain way, and its memory, on this machine.
 
-    python bench/speed.py [--quick] [--out bench/results]
+    python bench/speed.py [--quick] [--threads N] [--only TASK ...] [--out bench/results]
 
 Ways that are compared run side by side, each in its own process, loaded and warmed up
 once, then timed in turns (a, b, c, a, b, c, ...): whatever else the machine does falls
@@ -18,12 +18,15 @@ ratio is the median of the turns' ratios.
           (c) the same in bf16. Decoding is held at NEW_TOKENS tokens (random weights).
   hub     predict's reading of TrOCR-base saved in the hub checkpoint's old files
           against the same weights saved by today's transformers.
-  score   the embedded model reading unseen Copiste lines (the shipped sample without
-          ../shared/data) as validation and evaluate.py do (train.py's configs, a
-          Lightning validation) against predict's reading of the same lines.
+  score   the embedded model reading the Copiste lines of its test writers (all 458
+          without the pages' boilerplate; the shipped sample without ../shared/data) as
+          validation and evaluate.py do (train.py's configs, a Lightning validation)
+          against predict's reading of the same lines.
   unseen  the embedded model reading those lines as predict.py ... batch_size=128
-          does, in float32 and bf16 (joint CTC/attention decoding, the default for a
-          model with a CTC head), and in bf16 by its decoder alone: lines/s and CER.
+          precision=bf16 does, in float32 and bf16 (the weights cast; joint CTC/attention
+          decoding, the default for a model with a CTC head), and in bf16 by its decoder
+          alone: lines/s and CER. `--threads 2 --only unseen` on this 2-core CPU: how fast
+          predict reads there.
   data    decode + augment + process, as training's DataLoader does (2 workers).
   synth   hwr.embedded.synth rendering training lines, one process.
 The last line is `ratios: train X infer Y`: (c)/(a) of TrOCR-base at batch 2.
@@ -49,6 +52,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the ways' progress bars, between t
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "copiste" / "lines.csv"
 NEW_TOKENS = 24
+TASKS = ("train", "read", "hub", "score", "unseen", "data", "synth")
 
 
 def busy_cores(seconds: float = 2.0) -> float:
@@ -195,9 +199,10 @@ def build_models(root: Path) -> None:
     save_hub_layout(root / "trocr-base", root / "trocr-base-hub")
 
 
-def write_lines(root: Path, n: int, unseen: bool = False) -> Path:
-    """n real lines (Copiste, when ../shared/data is there) or the shipped sample, as a CSV;
-    unseen: only lines of the writers the embedded model's pre-training kept out."""
+def write_lines(root: Path, n: int | None, unseen: bool = False) -> Path:
+    """n real lines (all: None; Copiste, when ../shared/data is there) or the shipped
+    sample, as a CSV; unseen: only lines of the writers the embedded model's pre-training
+    kept out (its test writers)."""
     from hwr.embedded.pretrain import is_boilerplate, writer_split
 
     source = SHARED if SHARED.is_file() else REPO / "line_data" / "lines.csv"
@@ -391,13 +396,15 @@ def read_predict(
     CTC/attention decoding where the model has a CTC head unless ctc_weight=0), of the
     images as predict opens them; returns the CER of the last read (None when the decoding
     is held at NEW_TOKENS)."""
+    import torch
+
     from hwr.images import open_rgb
     from hwr.metrics import TextMetrics
     from hwr.model import load_pretrained, read_images
 
     cfg = compose("predict", [f"model.name_or_path={model_dir}", "inputs=-"])
     model, processor = load_pretrained(str(model_dir), cfg.model.max_new_tokens)
-    model.eval()
+    model.eval().to(torch.bfloat16 if bf16 else torch.float32)
     if fixed:
         model.generation_config.min_new_tokens = NEW_TOKENS
         model.generation_config.max_new_tokens = NEW_TOKENS
@@ -405,7 +412,7 @@ def read_predict(
     while True:
         images = [open_rgb(r["file_name"]) for r in rows]
         got, _ = read_images(
-            model, processor, images, batch_size or cfg.batch_size, bf16=bf16, ctc_weight=ctc_weight
+            model, processor, images, batch_size or cfg.batch_size, ctc_weight=ctc_weight
         )
         if not turns.tick(len(images)):
             break
@@ -481,8 +488,15 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch threads per way (default 1: ratios that hold)"
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=TASKS,
+        help="these tasks alone (results in speed[_quick]_<tasks>.md), e.g. --only unseen",
+    )
     args = parser.parse_args()
-    turns, batches, n_read, n_real = (3, (2,), 2, 128) if args.quick else (5, (2, 8), 8, 256)
+    only = set(args.only or TASKS)
+    turns, batches, n_read = (3, (2,), 2) if args.quick else (5, (2, 8), 8)
 
     import hydra  # noqa: F401  (imported once here; every way's fork inherits them)
     import lightning  # noqa: F401
@@ -500,13 +514,14 @@ def main() -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        ctx = mp.get_context("fork")  # built in a child: this process stays small
-        proc = ctx.Process(target=build_models, args=(root,))
-        proc.start()
-        proc.join()
+        if only & {"train", "read", "hub"}:
+            ctx = mp.get_context("fork")  # built in a child: this process stays small
+            proc = ctx.Process(target=build_models, args=(root,))
+            proc.start()
+            proc.join()
         base, hub = root / "trocr-base", root / "trocr-base-hub"
         lines = write_lines(root, 64)
-        unseen = write_lines(root, n_real, unseen=True)
+        unseen = write_lines(root, None, unseen=True)
         embedded = hwr.model.embedded_path()
 
         def run(model, task, ways, at_least=0, **kw):
@@ -514,7 +529,7 @@ def main() -> None:
             return rows[-len(ways) :]
 
         train_rows = {}
-        for b in batches:
+        for b in batches if "train" in only else ():
             train_rows[b] = run(
                 "trocr-base",
                 f"train b={b}",
@@ -529,7 +544,7 @@ def main() -> None:
                 at_least=5,  # a step's time drifts by ±10%: 3 turns left ratios 16-21% apart
                 per_turn=2,
             )
-        read_rows = run(
+        read_rows = "read" in only and run(
             "trocr-base",
             "read",
             {
@@ -538,7 +553,7 @@ def main() -> None:
                 "(c) hwr batched bf16": (read_predict, (base, lines, 2 * n_read, True)),
             },
         )
-        hub_rows = run(
+        hub_rows = "hub" in only and run(
             "trocr-base",
             "hub",
             {
@@ -546,7 +561,7 @@ def main() -> None:
                 "hub's files": (read_predict, (hub, lines, n_read, False)),
             },
         )
-        score_rows = run(
+        score_rows = "score" in only and run(
             "embedded",
             "score",
             {
@@ -554,7 +569,7 @@ def main() -> None:
                 "predict": (read_predict, (embedded, unseen, None, False, False)),
             },
         )
-        run(
+        "unseen" in only and run(
             "embedded",
             "unseen",
             {
@@ -566,7 +581,7 @@ def main() -> None:
                 ),
             },
         )
-        if not args.quick:
+        if not args.quick and "train" in only:
             run(
                 "embedded",
                 "train b=32",
@@ -580,11 +595,24 @@ def main() -> None:
                 },
                 per_turn=4,
             )
-        run("any", "data", {"decode+augment+process": (load_data, (base, lines))}, per_turn=8)
-        run("any", "synth", {"render lines": (render, (200,))})
+        "data" in only and run(
+            "any", "data", {"decode+augment+process": (load_data, (base, lines))}, per_turn=8
+        )
+        "synth" in only and run("any", "synth", {"render lines": (render, (200,))})
 
-    train_ratio = turn_ratio(train_rows[2], "(c)", "(a)")
-    read_ratio = turn_ratio(read_rows, "(c)", "(a)")
+    ratios = []
+    if hub_rows and score_rows and train_rows:
+        ratios.append(
+            f"hub's files / saved today: {turn_ratio(hub_rows, 'hub', 'saved'):.2f}; "
+            f"validation / predict: {turn_ratio(score_rows, 'validation', 'predict'):.2f}; "
+            f"(b) / (a) peak memory at batch 2: "
+            f"{train_rows[2][1].peak / train_rows[2][0].peak:.2f}"
+        )
+    if train_rows and read_rows:
+        ratios.append(
+            f"ratios: train {turn_ratio(train_rows[2], '(c)', '(a)'):.2f} "
+            f"infer {turn_ratio(read_rows, '(c)', '(a)'):.2f}"
+        )
     table = [
         f"torch {torch.__version__}, {threads} threads ({busy:.1f} cores busy with other work "
         f"at the start), {turns} turns, "
@@ -594,14 +622,13 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
         *(row_line(r) for r in rows),
         "",
-        f"hub's files / saved today: {turn_ratio(hub_rows, 'hub', 'saved'):.2f}; "
-        f"validation / predict: {turn_ratio(score_rows, 'validation', 'predict'):.2f}; "
-        f"(b) / (a) peak memory at batch 2: {train_rows[2][1].peak / train_rows[2][0].peak:.2f}",
-        f"ratios: train {train_ratio:.2f} infer {read_ratio:.2f}",
+        *ratios,
     ]
     text = "\n".join(table)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "speed_quick" if args.quick else "speed"
+    if args.only:
+        name += "_" + "_".join(t for t in TASKS if t in only)
     (args.out / f"{name}.md").write_text(text + "\n", encoding="utf-8")
     with (args.out / f"{name}.csv").open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)

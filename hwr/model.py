@@ -29,7 +29,14 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput
 
 from hwr.embedded import embedded_path
-from hwr.embedded.ctc import JOINT_WEIGHT, CTCPrefixScorer, ctc_loss, ctc_reader, load_strip_head
+from hwr.embedded.ctc import (
+    JOINT_WEIGHT,
+    CTCPrefixScorer,
+    ctc_greedy,
+    ctc_loss,
+    ctc_reader,
+    load_strip_head,
+)
 from hwr.embedded.tiny import build_tiny
 from hwr.errors import UserError, require_count
 from hwr.images import open_rgb, reading_order
@@ -40,6 +47,8 @@ log = logging.getLogger(__name__)
 
 # The CTC head's share of the loss when tuning a model that has one (as in pre-training).
 CTC_LOSS = 0.5
+# Batches read_images encodes ahead to order a CTC model's lines by reading length.
+LOOKAHEAD = 4
 
 
 class ModelUnavailableError(UserError, OSError):
@@ -168,6 +177,18 @@ def wire_token_ids(
     model.generation_config.use_cache = True
 
 
+def check_reading(num_beams: int, max_new_tokens: int | None, ctc_weight: float | None) -> None:
+    """The model.* reading settings (train.py, predict.py), checked before the model loads:
+    a bad setting should not cost a minute."""
+    require_count("model.num_beams", num_beams, 1)
+    require_count("model.max_new_tokens", max_new_tokens, 1)
+    if ctc_weight is not None and not 0.0 <= ctc_weight < 1.0:
+        raise UserError(
+            f"model.ctc_weight={ctc_weight}: must be in [0, 1) (0: the decoder alone), "
+            "or null for the default"
+        )
+
+
 @torch.no_grad()
 def read_batch(
     model: VisionEncoderDecoderModel,
@@ -225,6 +246,7 @@ def read_batch(
     return texts, mean.exp().tolist()
 
 
+@torch.no_grad()
 def read_images(
     model: VisionEncoderDecoderModel,
     processor: TrOCRProcessor,
@@ -232,28 +254,56 @@ def read_images(
     batch_size: int = 16,
     num_beams: int = 1,
     max_new_tokens: int | None = None,
-    bf16: bool = False,
     ctc_weight: float | None = None,
 ) -> tuple[list[str], list[float]]:
-    """Read line images in batches (in `reading_order`), on the model's device; texts and
-    confidences in the images' order."""
-    device = next(model.parameters()).device
+    """Read line images in batches, on the model's device and in its dtype (predict's
+    precision=bf16 casts the model: faster than autocast, which casts activations back and
+    forth at every layer); texts and confidences in the images' order.
+
+    Lines are encoded in `reading_order`. A model with a CTC head encodes LOOKAHEAD
+    batches at a time and decodes them in order of the length of the head's reading, so a
+    batch's rows end together: a quarter fewer decoder steps on Copiste's test writers
+    than by shape alone.
+    """
+    weights = next(model.parameters())
+    head = ctc_reader(model)
     order = reading_order([image.size for image in images])
+    chunk = batch_size * (LOOKAHEAD if head is not None else 1)
     texts, confidences = [""] * len(images), [0.0] * len(images)
-    for start in tqdm(range(0, len(order), batch_size), desc="reading", unit="batch"):
-        idx = order[start : start + batch_size]
-        pixels = processor(images=[images[i] for i in idx], return_tensors="pt").pixel_values
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    bar = tqdm(total=len(images), desc="reading", unit="line")
+    for start in range(0, len(order), chunk):
+        idx = order[start : start + chunk]
+        states = torch.cat(
+            [
+                model.encoder(
+                    pixel_values=processor(
+                        images=[images[i] for i in idx[s : s + batch_size]],
+                        return_tensors="pt",
+                    ).pixel_values.to(weights.device, weights.dtype)
+                ).last_hidden_state
+                for s in range(0, len(idx), batch_size)
+            ]
+        )
+        if head is not None:
+            lengths = [len(r) for r in ctc_greedy(head(states), processor.tokenizer.pad_token_id)]
+            perm = sorted(range(len(idx)), key=lengths.__getitem__)
+        else:
+            perm = list(range(len(idx)))
+        for s in range(0, len(idx), batch_size):
+            rows = perm[s : s + batch_size]
             got, conf = read_batch(
                 model,
                 processor,
-                pixels.to(device),
+                None,
                 num_beams,
                 max_new_tokens,
+                encoder_outputs=BaseModelOutput(last_hidden_state=states[rows]),
                 ctc_weight=ctc_weight,
             )
-        for i, text, c in zip(idx, got, conf, strict=True):
-            texts[i], confidences[i] = text, c
+            for row, text, c in zip(rows, got, conf, strict=True):
+                texts[idx[row]], confidences[idx[row]] = text, c
+            bar.update(len(rows))
+    bar.close()
     return texts, confidences
 
 
@@ -313,14 +363,7 @@ class TrOCRModule(L.LightningModule):
         step_in_backward: bool = False,
     ) -> None:
         super().__init__()
-        # Checked before the model loads: a bad setting should not cost a minute.
-        require_count("model.num_beams", num_beams, 1)
-        require_count("model.max_new_tokens", max_new_tokens, 1)
-        if ctc_weight is not None and not 0.0 <= ctc_weight < 1.0:
-            raise UserError(
-                f"model.ctc_weight={ctc_weight}: must be in [0, 1) (0: the decoder alone), "
-                "or null for the default"
-            )
+        check_reading(num_beams, max_new_tokens, ctc_weight)
         if not 0.0 <= warmup_ratio < 1.0:
             raise UserError(f"model.warmup_ratio={warmup_ratio}: must be in [0, 1)")
         lr = getattr(optimizer, "keywords", {}).get("lr")

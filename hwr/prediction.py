@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from hwr.errors import UserError, hydra_task, require_count
 from hwr.images import PAGE_MIN_HEIGHT, is_page, open_rgb, too_small
-from hwr.model import load_pretrained, read_images
+from hwr.model import check_reading, load_pretrained, read_images
 from hwr.pages.segment import Segmenter, crop_lines, page_boxes
 from hwr.pages.xml_import import IMAGE_SUFFIXES
 from hwr.report import write_json, write_skipped, write_text
@@ -96,6 +96,7 @@ def check_settings(cfg: DictConfig) -> None:
         if cfg[name] not in allowed:
             raise UserError(f"{name}={cfg[name]}: use one of {', '.join(allowed)}")
     require_count("batch_size", cfg.batch_size, 1)
+    check_reading(cfg.model.num_beams, cfg.model.max_new_tokens, cfg.model.ctc_weight)
 
 
 def predict(cfg: DictConfig) -> list[Reading]:
@@ -104,7 +105,8 @@ def predict(cfg: DictConfig) -> list[Reading]:
     paths = find_images(cfg.inputs)
     model, processor = load_pretrained(cfg.model.name_or_path, cfg.model.max_new_tokens)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
-    model.eval().to(torch.device(auto if cfg.device == "auto" else cfg.device))
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    model.eval().to(torch.device(auto if cfg.device == "auto" else cfg.device), dtype)
     if cfg.model.compile_encoder:
         model.encoder.compile()  # as in training: the encoder only, in place
     if cfg.segment == "auto":
@@ -129,7 +131,6 @@ def predict(cfg: DictConfig) -> list[Reading]:
         cfg.batch_size,
         cfg.model.num_beams,
         cfg.model.max_new_tokens,
-        bf16=cfg.precision == "bf16",
         ctc_weight=cfg.model.ctc_weight,
     )
     for reading, text, conf in zip(readings, texts, confidences, strict=True):

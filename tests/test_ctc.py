@@ -12,7 +12,7 @@ from transformers import VisionEncoderDecoderModel
 
 from hwr.data import read_lines
 from hwr.embedded.ctc import CTCPrefixScorer, add_strip_head
-from hwr.model import TrOCRModule, export, load_pretrained, read_batch
+from hwr.model import TrOCRModule, export, load_pretrained, read_batch, read_images
 
 from .conftest import SAMPLE_CSV
 
@@ -64,6 +64,41 @@ def test_joint_decoding_keeps_to_the_picture_where_the_decoder_guesses():
     alone = torch.zeros(1, 9)
     alone[0, 6] = 3.0
     assert alone.argmax().item() == 6  # what the decoder alone would have written
+
+
+def test_an_unsure_decoder_cannot_write_start_tokens_in_place_of_the_line():
+    """<s> adds nothing the head can score: allowed first, then never. The decoder's
+    favourite here is <s> at every step (as an unsure decoder's was, 30 times in a row on
+    held-out lines); the reading is still the line the head sees."""
+    truth, columns = [3, 5], []
+    for token in truth:
+        columns += [token, BLANK]
+    logits = torch.full((1, len(columns), 9), -10.0)
+    logits[0, torch.arange(len(columns)), torch.tensor(columns)] = 10.0
+    scorer = CTCPrefixScorer(logits, BLANK, EOS, skip={START}, weight=0.5, candidates=4)
+    decoder = torch.zeros(1, 9)
+    decoder[0, [*truth, EOS]] = 1.0
+    decoder[0, START] = 8.0
+    ids = torch.full((1, 1), EOS)  # the decoder's start
+    assert scorer(ids, decoder).argmax().item() == START  # first, as some decoders write it
+    for _ in range(6):
+        ids = torch.cat([ids, scorer(ids, decoder).argmax(-1, keepdim=True)], 1)
+        if ids[0, -1].item() == EOS:
+            break
+    assert ids[0, 1:].tolist() == [START, *truth, EOS]
+
+
+def test_lines_read_in_order_of_the_heads_reading_come_back_in_their_own_order():
+    """read_images decodes a CTC model's lines grouped by the length of the head's reading,
+    not in the order given: each text still goes to its image, as read one by one."""
+    model, processor = load_pretrained("embedded", max_new_tokens=24)
+    model.eval()
+    images = [Image.open(line.image).convert("RGB") for line in read_lines(SAMPLE_CSV)[:7]]
+    images = images[::-1]  # not in any reading order
+    texts, confidences = read_images(model, processor, images, batch_size=3)
+    alone = [read_images(model, processor, [image], batch_size=1)[0][0] for image in images]
+    assert texts == alone and len(set(texts)) == 7
+    assert len(confidences) == 7 and all(0 < c <= 1 for c in confidences)
 
 
 def _with_head(tmp_path: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -94,6 +95,42 @@ def test_embedded_model_reads_the_sample_offline():
     metrics.update(texts, [line.text for line in lines])
     assert metrics.compute()["cer"] < 0.08
     assert min(confidences) > 0.3
+
+
+def test_predict_reads_in_bf16_with_the_weights_cast(tmp_path: Path):
+    """precision=bf16 casts the model (and the pixels) to bfloat16: it reads the sample as
+    float32 does, within a few characters."""
+    lines = read_lines(SAMPLE_CSV)[:6]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for line in lines:
+        Image.open(line.image).save(inputs / line.image.name)
+    texts = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        subprocess.run(
+            [
+                sys.executable,
+                "predict.py",
+                "model.name_or_path=embedded",
+                f"inputs={inputs}",
+                "segment=lines",
+                f"precision={precision}",
+                f"hydra.run.dir={out}",
+            ],
+            cwd=Path(__file__).resolve().parents[1],
+            check=True,
+            capture_output=True,
+        )
+        rows = json.loads((out / "predictions.json").read_text())
+        texts[precision] = {Path(r["source"]).name: r["text"] for r in rows}
+    names = [line.image.name for line in lines]
+    metrics = TextMetrics()
+    metrics.update([texts["bf16"][n] for n in names], [texts["fp32"][n] for n in names])
+    assert metrics.compute()["cer"] < 0.05
+    metrics = TextMetrics()
+    metrics.update([texts["bf16"][n] for n in names], [line.text for line in lines])
+    assert metrics.compute()["cer"] < 0.1
 
 
 def test_pretraining_resumes_and_saves_a_loadable_model(tmp_path: Path, lines_dir: Path):

@@ -209,6 +209,14 @@ def test_settings_are_checked_before_the_model_loads(tmp_path: Path):
     assert_one_message(proc, "data.batch_size=0: must be a whole number >= 1")
     proc = run("predict.py", "model.name_or_path=does/not-exist", f"hydra.run.dir={tmp_path}")
     assert_one_message(proc, "inputs is missing")
+    proc = run(
+        "predict.py",
+        "model.name_or_path=does/not-exist",
+        f"inputs={tmp_path}",
+        "model.ctc_weight=1.5",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert_one_message(proc, "model.ctc_weight=1.5: must be in [0, 1)")
 
 
 def test_failed_run_leaves_no_checkpoint(sample_copy: Path, tmp_path: Path):

@@ -102,7 +102,9 @@ class CTCPrefixScorer(LogitsProcessor):
 
     `ctc_logits` (batch, columns, vocab) are the CTC head's scores for the batch being read,
     `blank` its blank id (the tokenizer's pad), `eos` the decoder's end id, `skip` ids that
-    add nothing to the CTC prefix (<s>, which some decoders write first). Each call extends
+    add nothing to the CTC prefix (<s>, which some decoders write first): allowed as the
+    first token only, as the head cannot score them and a free token elsewhere is one an
+    unsure decoder writes again and again in place of the line. Each call extends
     the previous call's prefixes (found by their ids, as beam search reorders its rows) by
     the character each chose, and scores the decoder's `candidates` likeliest characters,
     the only ones it may then choose (ESPnet's pre-beam).
@@ -118,7 +120,11 @@ class CTCPrefixScorer(LogitsProcessor):
         candidates: int = 8,
     ) -> None:
         self.x = ctc_logits.float().log_softmax(-1)
+        # The blank's log-probs and their running sum over the columns, the same every step.
+        self.xb = self.x[..., blank].contiguous()
+        self.cb = F.pad(self.xb[:, 1:], (1, 0)).cumsum(1)
         self.blank, self.eos, self.skip = blank, eos, sorted(skip - {eos, blank})
+        self.skip_ids = torch.tensor(self.skip, dtype=torch.long, device=self.x.device)
         self.weight, self.k = weight, candidates
         self.known: dict[tuple, int] = {}
 
@@ -133,21 +139,20 @@ class CTCPrefixScorer(LogitsProcessor):
     @staticmethod
     def _advance(
         x: torch.Tensor,
-        xb: torch.Tensor,
+        cb: torch.Tensor,
         r: torch.Tensor,
         repeat: torch.Tensor,
         empty: torch.Tensor,
     ) -> torch.Tensor:
         """The forward variables of each row's prefix extended by its chosen character (x:
-        its log-probs, xb the blank's, rows x T). Each recursion over the columns,
-        v[t] = logaddexp(v[t-1], a[t-1]) + x[t], is the cumulative log-sum of a - cumsum(x)
-        shifted back by cumsum(x): a logcumsumexp, no loop (its terms run to thousands;
-        float32 keeps ~1e-3 of a nat)."""
+        its log-probs, rows x T; cb: the blank's, summed over the columns from the second).
+        Each recursion over the columns, v[t] = logaddexp(v[t-1], a[t-1]) + x[t], is the
+        cumulative log-sum of a - cumsum(x) shifted back by cumsum(x): a logcumsumexp, no
+        loop (its terms run to thousands; float32 keeps ~1e-3 of a nat)."""
         phi = CTCPrefixScorer._phi(r, repeat.unsqueeze(-1))[..., 0]
         start = torch.where(empty, x[:, 0], NEG).unsqueeze(1)
         cx = F.pad(x[:, 1:], (1, 0)).cumsum(1)
         rn = torch.logcumsumexp(torch.cat([start, (phi - cx)[:, :-1]], 1), 1) + cx
-        cb = F.pad(xb[:, 1:], (1, 0)).cumsum(1)
         rb = torch.logcumsumexp(F.pad((rn - cb)[:, :-1], (1, 0), value=NEG), 1) + cb
         return torch.stack([rn, rb], -1)
 
@@ -155,8 +160,11 @@ class CTCPrefixScorer(LogitsProcessor):
         rows = scores.shape[0]
         beams = rows // self.x.shape[0]
         item = torch.arange(rows, device=scores.device) // beams
-        x = self.x if beams == 1 else self.x[item]
-        xb = x[..., self.blank]
+        x, xb, cb = (
+            (self.x, self.xb, self.cb)
+            if beams == 1
+            else (self.x[item], self.xb[item], self.cb[item])
+        )
         # Greedy search keeps its rows in place; beam search's are found by their prefix.
         keys = (
             [(i, tuple(ids)) for i, ids in zip(item.tolist(), input_ids.tolist(), strict=True)]
@@ -174,11 +182,11 @@ class CTCPrefixScorer(LogitsProcessor):
                 torch.tensor([self.known[(i, ids[:-1])] for i, ids in keys]) if beams > 1 else item
             )
             token = input_ids[:, -1]
-            kept = torch.isin(token, torch.tensor(self.skip, dtype=token.dtype))
+            kept = torch.isin(token, self.skip_ids)
             pick = (self.cand[parent] == token.unsqueeze(-1)).int().argmax(1)
             r, last, empty = self.r[parent], self.last[parent], self.empty[parent]
             xc = x.gather(2, token.view(-1, 1, 1).expand(-1, x.shape[1], 1)).squeeze(-1)
-            grown = self._advance(xc, xb, r, token == last, empty)
+            grown = self._advance(xc, cb, r, token == last, empty)
             r = torch.where(kept[:, None, None], r, grown)
             psi = torch.where(kept, self.psi[parent], self.cand_psi[parent, pick])
             last = torch.where(kept, last, token)
@@ -197,6 +205,6 @@ class CTCPrefixScorer(LogitsProcessor):
             self.known = {key: row for row, key in enumerate(keys)}
         gain = torch.full_like(logp, NEG)
         gain.scatter_(1, cand, self.cand_psi - psi.unsqueeze(-1))
-        gain[:, self.skip] = 0.0
+        gain[:, self.skip] = 0.0 if input_ids.shape[1] == 1 else NEG
         gain[:, self.eos] = torch.logaddexp(r[:, -1, 0], r[:, -1, 1]) - psi
         return (1 - self.weight) * logp + self.weight * gain

@@ -544,43 +544,50 @@ def main() -> None:
                 at_least=5,  # a step's time drifts by ±10%: 3 turns left ratios 16-21% apart
                 per_turn=2,
             )
-        read_rows = "read" in only and run(
-            "trocr-base",
-            "read",
-            {
-                "(a) line by line": (read_line_by_line, (base, lines, n_read)),
-                "(b) hwr batched": (read_predict, (base, lines, 2 * n_read, False)),
-                "(c) hwr batched bf16": (read_predict, (base, lines, 2 * n_read, True)),
-            },
-        )
-        hub_rows = "hub" in only and run(
-            "trocr-base",
-            "hub",
-            {
-                "saved today": (read_predict, (base, lines, n_read, False)),
-                "hub's files": (read_predict, (hub, lines, n_read, False)),
-            },
-        )
-        score_rows = "score" in only and run(
-            "embedded",
-            "score",
-            {
-                "validation": (score_validation, (embedded, unseen)),
-                "predict": (read_predict, (embedded, unseen, None, False, False)),
-            },
-        )
-        "unseen" in only and run(
-            "embedded",
-            "unseen",
-            {
-                "float32": (read_predict, (embedded, unseen, None, False, False, 128)),
-                "bf16": (read_predict, (embedded, unseen, None, True, False, 128)),
-                "bf16, decoder alone": (
-                    read_predict,
-                    (embedded, unseen, None, True, False, 128, 0.0),
-                ),
-            },
-        )
+        read_rows: list[Row] = []
+        if "read" in only:
+            read_rows = run(
+                "trocr-base",
+                "read",
+                {
+                    "(a) line by line": (read_line_by_line, (base, lines, n_read)),
+                    "(b) hwr batched": (read_predict, (base, lines, 2 * n_read, False)),
+                    "(c) hwr batched bf16": (read_predict, (base, lines, 2 * n_read, True)),
+                },
+            )
+        hub_rows: list[Row] = []
+        if "hub" in only:
+            hub_rows = run(
+                "trocr-base",
+                "hub",
+                {
+                    "saved today": (read_predict, (base, lines, n_read, False)),
+                    "hub's files": (read_predict, (hub, lines, n_read, False)),
+                },
+            )
+        score_rows: list[Row] = []
+        if "score" in only:
+            score_rows = run(
+                "embedded",
+                "score",
+                {
+                    "validation": (score_validation, (embedded, unseen)),
+                    "predict": (read_predict, (embedded, unseen, None, False, False)),
+                },
+            )
+        if "unseen" in only:
+            run(
+                "embedded",
+                "unseen",
+                {
+                    "float32": (read_predict, (embedded, unseen, None, False, False, 128)),
+                    "bf16": (read_predict, (embedded, unseen, None, True, False, 128)),
+                    "bf16, decoder alone": (
+                        read_predict,
+                        (embedded, unseen, None, True, False, 128, 0.0),
+                    ),
+                },
+            )
         if not args.quick and "train" in only:
             run(
                 "embedded",
@@ -595,10 +602,10 @@ def main() -> None:
                 },
                 per_turn=4,
             )
-        "data" in only and run(
-            "any", "data", {"decode+augment+process": (load_data, (base, lines))}, per_turn=8
-        )
-        "synth" in only and run("any", "synth", {"render lines": (render, (200,))})
+        if "data" in only:
+            run("any", "data", {"decode+augment+process": (load_data, (base, lines))}, per_turn=8)
+        if "synth" in only:
+            run("any", "synth", {"render lines": (render, (200,))})
 
     ratios = []
     if hub_rows and score_rows and train_rows:

@@ -273,17 +273,13 @@ def read_images(
     bar = tqdm(total=len(images), desc="reading", unit="line")
     for start in range(0, len(order), chunk):
         idx = order[start : start + chunk]
-        states = torch.cat(
-            [
-                model.encoder(
-                    pixel_values=processor(
-                        images=[images[i] for i in idx[s : s + batch_size]],
-                        return_tensors="pt",
-                    ).pixel_values.to(weights.device, weights.dtype)
-                ).last_hidden_state
-                for s in range(0, len(idx), batch_size)
-            ]
-        )
+        encoded = []
+        for s in range(0, len(idx), batch_size):
+            batch = [images[i] for i in idx[s : s + batch_size]]
+            pixels = processor(images=batch, return_tensors="pt").pixel_values
+            pixels = pixels.to(weights.device, weights.dtype)
+            encoded.append(model.encoder(pixel_values=pixels).last_hidden_state)
+        states = torch.cat(encoded)
         if head is not None:
             lengths = [len(r) for r in ctc_greedy(head(states), processor.tokenizer.pad_token_id)]
             perm = sorted(range(len(idx)), key=lengths.__getitem__)

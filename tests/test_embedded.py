@@ -42,6 +42,7 @@ from hwr.metrics import TextMetrics
 from hwr.model import load_pretrained, read_images
 
 from .conftest import SAMPLE_CSV, SHARED_DATA
+from .test_scripts import run
 
 FONTS = TRAIN_FONTS + HELD_OUT_FONTS
 
@@ -108,19 +109,13 @@ def test_predict_reads_in_bf16_with_the_weights_cast(tmp_path: Path):
     texts = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
-        subprocess.run(
-            [
-                sys.executable,
-                "predict.py",
-                "model.name_or_path=embedded",
-                f"inputs={inputs}",
-                "segment=lines",
-                f"precision={precision}",
-                f"hydra.run.dir={out}",
-            ],
-            cwd=Path(__file__).resolve().parents[1],
-            check=True,
-            capture_output=True,
+        run(
+            "predict.py",
+            "model.name_or_path=embedded",
+            f"inputs={inputs}",
+            "segment=lines",
+            f"precision={precision}",
+            f"hydra.run.dir={out}",
         )
         rows = json.loads((out / "predictions.json").read_text())
         texts[precision] = {Path(r["source"]).name: r["text"] for r in rows}

@@ -607,14 +607,17 @@ def main() -> None:
         if "synth" in only:
             run("any", "synth", {"render lines": (render, (200,))})
 
-    ratios = []
-    if hub_rows and score_rows and train_rows:
-        ratios.append(
-            f"hub's files / saved today: {turn_ratio(hub_rows, 'hub', 'saved'):.2f}; "
-            f"validation / predict: {turn_ratio(score_rows, 'validation', 'predict'):.2f}; "
-            f"(b) / (a) peak memory at batch 2: "
-            f"{train_rows[2][1].peak / train_rows[2][0].peak:.2f}"
+    # Each ratio where its rows were run (--only runs some tasks alone).
+    parts = []
+    if hub_rows:
+        parts.append(f"hub's files / saved today: {turn_ratio(hub_rows, 'hub', 'saved'):.2f}")
+    if score_rows:
+        parts.append(f"validation / predict: {turn_ratio(score_rows, 'validation', 'predict'):.2f}")
+    if train_rows:
+        parts.append(
+            f"(b) / (a) peak memory at batch 2: {train_rows[2][1].peak / train_rows[2][0].peak:.2f}"
         )
+    ratios = ["; ".join(parts)] if parts else []
     if train_rows and read_rows:
         ratios.append(
             f"ratios: train {turn_ratio(train_rows[2], '(c)', '(a)'):.2f} "

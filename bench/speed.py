@@ -27,6 +27,10 @@ ratio is the median of the turns' ratios.
           decoding, the default for a model with a CTC head), and in bf16 by its decoder
           alone: lines/s and CER. `--threads 2 --only unseen` on this 2-core CPU: how fast
           predict reads there.
+  pretrain  hwr.embedded.pretrain's training step (batch 16, bf16 autocast, CE + CTC) on
+          the embedded model, the encoder's attention (a) by SDPA, transformers' default,
+          (b) plain, pre-training's choice on CPU. The lines come processed, not
+          augmented (the data task times that).
   data    decode + augment + process, as training's DataLoader does (2 workers).
   synth   hwr.embedded.synth rendering training lines, one process.
 The last line is `ratios: train X infer Y`: (c)/(a) of TrOCR-base at batch 2.
@@ -52,7 +56,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the ways' progress bars, between t
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "copiste" / "lines.csv"
 NEW_TOKENS = 24
-TASKS = ("train", "read", "hub", "score", "unseen", "data", "synth")
+TASKS = ("train", "read", "hub", "score", "unseen", "pretrain", "data", "synth")
 
 
 def busy_cores(seconds: float = 2.0) -> float:
@@ -440,6 +444,28 @@ def score_validation(turns: Turns, model_dir: Path, csv_path: Path) -> float:
             return float(module.metrics.compute()["cer"])
 
 
+def pretrain_steps(turns: Turns, model_dir: Path, csv_path: Path, attention: str) -> None:
+    """Pre-training's step (hwr.embedded.pretrain.train_step) on batches of 16 lines."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from hwr.data import LineDataset, collate, read_lines
+    from hwr.embedded.ctc import ctc_reader
+    from hwr.embedded.pretrain import train_step
+    from hwr.model import load_pretrained
+
+    model, processor = load_pretrained(str(model_dir))
+    model.train().encoder.set_attn_implementation(attention)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    lines = LineDataset(read_lines(csv_path)[:64], processor)
+    batches = list(DataLoader(lines, batch_size=16, collate_fn=collate))
+    while True:
+        for batch in batches:
+            train_step(model, ctc_reader(model), batch, opt, 0.5, processor.tokenizer)
+            if not turns.tick(len(batch["labels"])):
+                return
+
+
 # ---- data and synthesis ----
 
 
@@ -600,6 +626,17 @@ def main() -> None:
                         (embedded, lines, 32, ("model=embedded", "trainer.precision=bf16-mixed")),
                     ),
                 },
+                per_turn=4,
+            )
+        if "pretrain" in only:
+            run(
+                "embedded",
+                "pretrain b=16",
+                {
+                    "(a) SDPA attention": (pretrain_steps, (embedded, unseen, "sdpa")),
+                    "(b) plain attention": (pretrain_steps, (embedded, unseen, "eager")),
+                },
+                at_least=5,
                 per_turn=4,
             )
         if "data" in only:

@@ -132,9 +132,13 @@ def test_pretraining_resumes_and_saves_a_loadable_model(tmp_path: Path, lines_di
     out = tmp_path / "pretrain"
     args = ["--out", str(out), "--batch-size", "2", "--workers", "0", "--eval-lines", "2"]
     pretrain([*args, "--steps", "2", "--eval-every", "2"])
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    first = torch.load(out / "last.pt", weights_only=True)
+    assert first["step"] == 2
     pretrain([*args, "--steps", "3", "--eval-every", "1", "--real", str(lines_dir)])
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
+    resumed = torch.load(out / "last.pt", weights_only=True)
+    assert resumed["step"] == 3
+    kernel = "encoder.embeddings.patch_embeddings.projection.weight"
+    assert not torch.equal(resumed["model"][kernel], first["model"][kernel])  # it trained on
     model, processor = load_pretrained(str(out / "model"))
     assert model.config.encoder.patch_size == [64, 8] and len(processor.tokenizer) == 144
     assert model.ctc_head.weight.shape == (144, 256)  # trained with it, saved with it

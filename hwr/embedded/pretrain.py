@@ -457,6 +457,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     tok = processor.tokenizer
     initial = {k: v.clone() for k, v in model.state_dict().items()} if args.blend != 1.0 else {}
     model.to(device).train()
+    if device.type == "cpu" and model.config.encoder.model_type == "vit":
+        # On CPU, SDPA's flash-attention backward over the 129 strips is slow: plain
+        # attention trains 21% more lines a second (bench/speed.py --only pretrain).
+        model.encoder.set_attn_implementation("eager")
     real, sentences = real_datasets(args.real, set(tok.get_vocab()), args.exclude)
     evals = {"fonts": RenderedLines(processor, HELD_OUT_FONTS, args.eval_lines, seed=12345)}
     if args.measure:
@@ -521,6 +525,41 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"saved {args.out / 'model'} after step {step}")
 
 
+def train_step(
+    model: VisionEncoderDecoderModel,
+    head: Callable[[torch.Tensor], torch.Tensor] | None,
+    batch: dict,
+    opt: torch.optim.Optimizer,
+    ctc_weight: float,
+    tok,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step in bf16 autocast on cross-entropy (label smoothing 0.1) plus
+    ctc_weight x the CTC head's loss; returns both losses."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    device = params[0].device
+    pixels = batch["pixel_values"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = model(pixel_values=pixels, labels=labels)
+        ce = F.cross_entropy(
+            out.logits.flatten(0, 1).float(),
+            labels.flatten(),
+            ignore_index=-100,
+            label_smoothing=0.1,
+        )
+        ctc = (
+            ctc_loss(head, out.encoder_last_hidden_state, labels, tok)
+            if head is not None
+            else torch.zeros(())
+        )
+        loss = ce + ctc_weight * ctc
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return ce, ctc
+
+
 def train_loop(
     args: argparse.Namespace,
     model: VisionEncoderDecoderModel,
@@ -534,8 +573,7 @@ def train_loop(
     ckpt: Path,
 ) -> int:
     """Step until progress reaches 1; score and checkpoint every --eval-every steps."""
-    device, tok, step = next(model.parameters()).device, processor.tokenizer, progress.step
-    params = [p for group in opt.param_groups for p in group["params"]]
+    tok, step = processor.tokenizer, progress.step
 
     def lr_at(p: float) -> float:
         warm = min(1.0, (step + 1) / args.warmup)
@@ -548,29 +586,10 @@ def train_loop(
         p = progress()
         for group in opt.param_groups:
             group["lr"] = lr_at(p)
-        pixels = batch["pixel_values"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = model(pixel_values=pixels, labels=labels)
-            ce = F.cross_entropy(
-                out.logits.flatten(0, 1).float(),
-                labels.flatten(),
-                ignore_index=-100,
-                label_smoothing=0.1,
-            )
-            ctc = (
-                ctc_loss(head, out.encoder_last_hidden_state, labels, tok)
-                if head is not None
-                else torch.zeros(())
-            )
-            loss = ce + args.ctc_weight * ctc
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        ce, ctc = train_step(model, head, batch, opt, args.ctc_weight, tok)
         step += 1
         progress.step = step
-        seen += len(labels)
+        seen += len(batch["labels"])
         done = progress() >= 1.0
         if step % 50 == 0:
             rate = seen / (time.time() - t_log)

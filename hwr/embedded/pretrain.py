@@ -458,8 +458,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     initial = {k: v.clone() for k, v in model.state_dict().items()} if args.blend != 1.0 else {}
     model.to(device).train()
     if device.type == "cpu" and model.config.encoder.model_type == "vit":
-        # On CPU, SDPA's flash-attention backward over the 129 strips is slow: plain
-        # attention trains 21% more lines a second (bench/speed.py --only pretrain).
+        # On CPU, SDPA's flash-attention backward over the 129 strips is slow: with plain
+        # attention the step trains 21% more lines a second (bench/speed.py --only
+        # pretrain), a whole run 4% (preparing the lines shares the cores).
         model.encoder.set_attn_implementation("eager")
     real, sentences = real_datasets(args.real, set(tok.get_vocab()), args.exclude)
     evals = {"fonts": RenderedLines(processor, HELD_OUT_FONTS, args.eval_lines, seed=12345)}

@@ -459,9 +459,10 @@ def pretrain_steps(turns: Turns, model_dir: Path, csv_path: Path, attention: str
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     lines = LineDataset(read_lines(csv_path)[:64], processor)
     batches = list(DataLoader(lines, batch_size=16, collate_fn=collate))
+    head = ctc_reader(model)
     while True:
         for batch in batches:
-            train_step(model, ctc_reader(model), batch, opt, 0.5, processor.tokenizer)
+            train_step(model, head, batch, opt, 0.5, processor.tokenizer)
             if not turns.tick(len(batch["labels"])):
                 return
 

@@ -457,11 +457,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     tok = processor.tokenizer
     initial = {k: v.clone() for k, v in model.state_dict().items()} if args.blend != 1.0 else {}
     model.to(device).train()
-    if device.type == "cpu" and model.config.encoder.model_type == "vit":
-        # On CPU, SDPA's flash-attention backward over the 129 strips is slow: with plain
-        # attention the step trains 21% more lines a second (bench/speed.py --only
-        # pretrain), a whole run 4% (preparing the lines shares the cores).
-        model.encoder.set_attn_implementation("eager")
     real, sentences = real_datasets(args.real, set(tok.get_vocab()), args.exclude)
     evals = {"fonts": RenderedLines(processor, HELD_OUT_FONTS, args.eval_lines, seed=12345)}
     if args.measure:
@@ -474,6 +469,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if real["val"] and real["val"][0][1]:
         evals["val_writers"] = LineDataset(real["val"][0][1], processor)
+    if device.type == "cpu" and model.config.encoder.model_type == "vit":
+        # On CPU, SDPA's flash-attention backward over the 129 strips is slow: with plain
+        # attention the step trains 21% more lines a second (bench/speed.py --only
+        # pretrain), a whole run 4% (preparing the lines shares the cores).
+        model.encoder.set_attn_implementation("eager")
 
     params = [p for n, p in model.named_parameters() if "pooler" not in n]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.05)
@@ -536,8 +536,7 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step in bf16 autocast on cross-entropy (label smoothing 0.1) plus
     ctc_weight x the CTC head's loss; returns both losses."""
-    params = [p for group in opt.param_groups for p in group["params"]]
-    device = params[0].device
+    device = next(model.parameters()).device
     pixels = batch["pixel_values"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -556,7 +555,8 @@ def train_step(
         loss = ce + ctc_weight * ctc
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    # Parameters without a gradient (the unused pooler's) are skipped.
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     return ce, ctc
 

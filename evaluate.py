@@ -1,5 +1,6 @@
 """Score one or more models on a line CSV and compare them.
 
+    python evaluate.py data.csv=some/lines.csv model=embedded
     python evaluate.py data.csv=some/lines.csv \
         models.base=microsoft/trocr-base-handwritten models.tuned=outputs/train/.../model
 """
@@ -7,18 +8,9 @@
 import re
 import sys
 
-import hydra
-from omegaconf import DictConfig
+from hwr.settings import hydra_entry
 
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    # Imported after Hydra, so --help and config errors come fast.
-    from hwr.errors import hydra_task
-    from hwr.evaluation import evaluate
-
-    hydra_task(evaluate)(cfg)
-
+main = hydra_entry("evaluate", "hwr.evaluation:evaluate")
 
 if __name__ == "__main__":
     # models.NAME=... adds a model; Hydra would want +models.NAME=..., so add the + here.

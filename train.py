@@ -6,18 +6,9 @@ python train.py -m optim.lr=1e-5,3e-5 data.batch_size=2,4   # a sweep
 python train.py experiment=quickstart            # offline, on the shipped sample
 """
 
-import hydra
-from omegaconf import DictConfig
+from hwr.settings import hydra_entry
 
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float:
-    # Imported after Hydra, so --help and config errors come fast.
-    from hwr.errors import hydra_task
-    from hwr.training import train
-
-    return hydra_task(train)(cfg)
-
+main = hydra_entry("train", "hwr.training:train")
 
 if __name__ == "__main__":
     main()

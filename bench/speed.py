@@ -27,6 +27,10 @@ ratio is the median of the turns' ratios.
           decoding, the default for a model with a CTC head), and in bf16 by its decoder
           alone: lines/s and CER. `--threads 2 --only unseen` on this 2-core CPU: how fast
           predict reads there.
+  precision  the embedded model on this CPU in each precision: training at batch 32 as
+          train.py does (trainer.precision=32-true, bf16-mixed and auto, the default) and
+          reading 96 of those lines as predict.py does (precision=fp32, bf16 and auto):
+          auto should never be slower than float32.
   pretrain  hwr.embedded.pretrain's training step (batch 16, bf16 autocast, CE + CTC) on
           the embedded model, the encoder's attention (a) by SDPA, transformers' default,
           (b) plain, pre-training's choice on CPU. The lines come processed, not
@@ -56,7 +60,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the ways' progress bars, between t
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "copiste" / "lines.csv"
 NEW_TOKENS = 24
-TASKS = ("train", "read", "hub", "score", "unseen", "pretrain", "data", "synth")
+TASKS = ("train", "read", "hub", "score", "unseen", "precision", "pretrain", "data", "synth")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def busy_cores(seconds: float = 2.0) -> float:
@@ -317,8 +322,11 @@ def compose(config: str, overrides: list[str]):
 def quiet_trainer(cfg, **kwargs):
     from hydra.utils import instantiate
 
+    from hwr.machine import trainer_precision
+
     return instantiate(
         cfg.trainer,
+        precision=trainer_precision(cfg.trainer),
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -391,7 +399,7 @@ def read_predict(
     model_dir: Path,
     csv_path: Path,
     n: int | None,
-    bf16: bool,
+    precision: str,
     fixed: bool = True,
     batch_size: int | None = None,
     ctc_weight: float | None = None,
@@ -403,12 +411,14 @@ def read_predict(
     import torch
 
     from hwr.images import open_rgb
+    from hwr.machine import resolve_precision
     from hwr.metrics import TextMetrics
     from hwr.model import load_pretrained, read_images
 
     cfg = compose("predict", [f"model.name_or_path={model_dir}", "inputs=-"])
     model, processor = load_pretrained(str(model_dir), cfg.model.max_new_tokens)
-    model.eval().to(torch.bfloat16 if bf16 else torch.float32)
+    precision = resolve_precision(precision, "cpu", bf16="bf16", fp32="fp32", name="precision")
+    model.eval().to(torch.bfloat16 if precision == "bf16" else torch.float32)
     if fixed:
         model.generation_config.min_new_tokens = NEW_TOKENS
         model.generation_config.max_new_tokens = NEW_TOKENS
@@ -578,8 +588,8 @@ def main() -> None:
                 "read",
                 {
                     "(a) line by line": (read_line_by_line, (base, lines, n_read)),
-                    "(b) hwr batched": (read_predict, (base, lines, 2 * n_read, False)),
-                    "(c) hwr batched bf16": (read_predict, (base, lines, 2 * n_read, True)),
+                    "(b) hwr batched": (read_predict, (base, lines, 2 * n_read, "fp32")),
+                    "(c) hwr batched bf16": (read_predict, (base, lines, 2 * n_read, "bf16")),
                 },
             )
         hub_rows: list[Row] = []
@@ -588,8 +598,8 @@ def main() -> None:
                 "trocr-base",
                 "hub",
                 {
-                    "saved today": (read_predict, (base, lines, n_read, False)),
-                    "hub's files": (read_predict, (hub, lines, n_read, False)),
+                    "saved today": (read_predict, (base, lines, n_read, "fp32")),
+                    "hub's files": (read_predict, (hub, lines, n_read, "fp32")),
                 },
             )
         score_rows: list[Row] = []
@@ -599,7 +609,7 @@ def main() -> None:
                 "score",
                 {
                     "validation": (score_validation, (embedded, unseen)),
-                    "predict": (read_predict, (embedded, unseen, None, False, False)),
+                    "predict": (read_predict, (embedded, unseen, None, "fp32", False)),
                 },
             )
         if "unseen" in only:
@@ -607,11 +617,11 @@ def main() -> None:
                 "embedded",
                 "unseen",
                 {
-                    "float32": (read_predict, (embedded, unseen, None, False, False, 128)),
-                    "bf16": (read_predict, (embedded, unseen, None, True, False, 128)),
+                    "float32": (read_predict, (embedded, unseen, None, "fp32", False, 128)),
+                    "bf16": (read_predict, (embedded, unseen, None, "bf16", False, 128)),
                     "bf16, decoder alone": (
                         read_predict,
-                        (embedded, unseen, None, True, False, 128, 0.0),
+                        (embedded, unseen, None, "bf16", False, 128, 0.0),
                     ),
                 },
             )
@@ -628,6 +638,22 @@ def main() -> None:
                     ),
                 },
                 per_turn=4,
+            )
+        if "precision" in only:
+            on = ("model=embedded", "trainer.precision=")
+            run(
+                "embedded",
+                "train b=32",
+                {
+                    f"{p}": (train_hwr, (embedded, lines, 32, (on[0], on[1] + p)))
+                    for p in ("32-true", "bf16-mixed", "auto")
+                },
+                per_turn=4,
+            )
+            run(
+                "embedded",
+                "read unseen",
+                {p: (read_predict, (embedded, unseen, 96, p, False, 128)) for p in PRECISIONS},
             )
         if "pretrain" in only:
             run(
@@ -661,7 +687,10 @@ def main() -> None:
             f"ratios: train {turn_ratio(train_rows[2], '(c)', '(a)'):.2f} "
             f"infer {turn_ratio(read_rows, '(c)', '(a)'):.2f}"
         )
+    from hwr.machine import bf16_native, cpu_name
+
     table = [
+        f"{cpu_name()}: {bf16_native('cpu')[1]}",
         f"torch {torch.__version__}, {threads} threads ({busy:.1f} cores busy with other work "
         f"at the start), {turns} turns, "
         f"{'quick' if args.quick else 'full'} run of {time.perf_counter() - began:.0f} s",

@@ -3,7 +3,7 @@
 hwr import-xml PAGES_DIR --out OUT_DIR      ALTO / PAGE XML + page images -> line CSV
 hwr segment PAGE_IMAGE... --out OUT_DIR     pages -> line images + CSV to fill in
 hwr label LINES_CSV [--model M] [--port N]  a local page to type or correct lines
-hwr predict model.name_or_path=M inputs=P   read images (Hydra overrides, as predict.py)
+hwr predict model=embedded inputs=P         read images (Hydra overrides, as predict.py)
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["predict"]:
-        from hwr.prediction import main as predict_main
+        from hwr.settings import hydra_entry
 
         sys.argv = ["hwr predict", *argv[1:]]
-        predict_main()
+        hydra_entry("predict", "hwr.prediction:predict")()
         return
     args = _parser().parse_args(argv)
     try:
@@ -81,6 +81,9 @@ def run(args: argparse.Namespace) -> None:
 
         segment_pages(args.images, args.out)
     elif args.verb == "label":
+        from hwr.machine import share_cores
+
+        share_cores()  # before torch loads: the page reads lines beside other hwr processes
         from hwr.pages.label import serve
 
         serve(args.csv, model=args.model, port=args.port, open_browser=not args.no_browser)

@@ -416,9 +416,11 @@ class LineDataModule(L.LightningDataModule):
                 )
             self.splits["train"] = order[: hp.train_lines]
         log.info(
-            "%d lines: %s",
+            "%d lines: %s. Scored: %s %d (data.eval_split)",
             len(lines),
             ", ".join(f"{k} {len(self.splits[k])}" for k in SPLITS),
+            hp.eval_split,
+            len(self.eval_lines),
         )
 
     @property

@@ -12,10 +12,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 from hwr.data import Line
-from hwr.errors import UserError
+from hwr.machine import trainer_precision
 from hwr.metrics import TextMetrics
 from hwr.model import TRAINED_ON, ModelUnavailableError, TrOCRModule
 from hwr.report import write_json, write_report
+from hwr.training import ShareCores
 
 log = logging.getLogger(__name__)
 
@@ -40,54 +41,66 @@ def unseen_result(result: dict, lines: list[Line], seen: set[int]) -> dict:
 def evaluate(cfg: DictConfig) -> dict[str, dict]:
     """Run the whole job of evaluate.py; returns model name -> metrics.
 
-    A model folder that records its training lines (train.py's model/) is also scored on
-    the other lines alone, as "NAME (unseen)": scores on training lines flatter it.
+    The models are `models.NAME=...`, or else the one the model group names (`model=embedded`).
+    When a model folder records its training lines (train.py's model/), every model is also
+    scored on the lines none of them was trained on, as "NAME (unseen)", side by side:
+    scores on training lines flatter the model that saw them.
     """
-    if not cfg.models:
-        raise UserError("No models to evaluate: add models.NAME=hub-id-or-folder (one or more).")
+    models = dict(cfg.models) or {Path(str(cfg.model.name_or_path)).name: cfg.model.name_or_path}
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     lines = datamodule.eval_lines
     make_module = instantiate(cfg.model, _partial_=True)
-    results = {}
-    for name, name_or_path in cfg.models.items():
+    precision = trainer_precision(cfg.trainer)
+    results, seen = {}, set()
+    for name, name_or_path in models.items():
         log.info("Reading %d lines with %s (%s)", len(lines), name, name_or_path)
         try:
             module: TrOCRModule = make_module(name_or_path=name_or_path)
         except ModelUnavailableError as e:
-            e.setting = f"models.{name}"
+            if cfg.models:
+                e.setting = f"models.{name}"
             raise
         datamodule.processor = module.processor
         # One TensorBoard run per model, so they sit side by side.
         logger = TensorBoardLogger(
             run_dir / "tensorboard", name=name, version="", default_hp_metric=False
         )
-        trainer = instantiate(cfg.trainer, logger=logger, enable_checkpointing=False)
+        trainer = instantiate(
+            cfg.trainer,
+            precision=precision,
+            logger=logger,
+            callbacks=[ShareCores()],
+            enable_checkpointing=False,
+        )
         trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics = module.metrics.compute()
         results[name] = {"metrics": metrics, "predictions": dict(module.predictions)}
         logger.log_hyperparams(
             {"model": str(name_or_path)}, {f"hp/{k}": v for k, v in metrics.items()}
         )
-        seen = seen_in_training(name_or_path, lines)
-        if not seen:
-            continue
-        apart = ""
-        if len(seen) < len(lines):
-            results[f"{name} (unseen)"] = unseen_result(results[name], lines, seen)
-            apart = (
-                f" Its {len(lines) - len(seen)} other lines are scored apart as '{name} (unseen)'."
+        trained = seen_in_training(name_or_path, lines)
+        if trained:
+            log.warning(
+                "models.%s was trained on %d of these %d lines: its scores on them are not "
+                "scores on unseen handwriting.",
+                name,
+                len(trained),
+                len(lines),
             )
+        seen |= trained
+    if seen and len(seen) < len(lines):
         log.warning(
-            "models.%s was trained on %d of these %d lines: its scores on them are not scores "
-            "on unseen handwriting.%s (data.eval_split=val with the split settings of its "
-            "training run reads only the held-out side.)",
-            name,
-            len(seen),
-            len(lines),
-            apart,
+            "Every model is also scored on the %d lines no model here was trained on, as "
+            "'NAME (unseen)'. (data.eval_split=val with the split settings of the training "
+            "run reads only its held-out side.)",
+            len(lines) - len(seen),
         )
+        for name in models:
+            results[f"{name} (unseen)"] = unseen_result(results[name], lines, seen)
+    elif seen:
+        log.warning("Every line here was a training line of a model: no unseen lines to score.")
 
     write_json(run_dir / "metrics.json", {n: r["metrics"] for n, r in results.items()})
     table = write_report(run_dir, lines, results)

@@ -40,6 +40,7 @@ from hwr.embedded.ctc import (
 from hwr.embedded.tiny import build_tiny
 from hwr.errors import UserError, require_count
 from hwr.images import open_rgb, reading_order
+from hwr.machine import rebalance
 from hwr.metrics import TextMetrics
 from hwr.report import umask, write_json
 
@@ -54,24 +55,33 @@ LOOKAHEAD = 4
 class ModelUnavailableError(UserError, OSError):
     """The model is neither a local folder nor reachable on (or cached from) the hub.
 
-    `setting` is where the user named it (evaluate.py sets `models.NAME`), so the offline
-    options are written the way that script takes them.
+    `setting` is where the user named it (evaluate.py sets `models.NAME`, hwr label
+    `--model`), so the offline options are written the way that command takes them.
     """
 
     def __init__(self, name_or_path: str, reason: str, setting: str = "model.name_or_path"):
         super().__init__(name_or_path, reason)
         self.name_or_path, self.reason, self.setting = name_or_path, reason, setting
 
+    def spell(self, value: str) -> str:
+        """`value` as the user's command takes it: model=embedded (a config group in the
+        scripts), models.NAME=embedded (evaluate.py), --model embedded (hwr label)."""
+        if self.setting.startswith("--"):
+            return f"{self.setting} {value}"
+        if self.setting == "model.name_or_path" and value in ("embedded", "tiny"):
+            return f"model={value}"
+        return f"{self.setting}={value}"
+
     def __str__(self) -> str:
-        message = f"{self.setting}={self.name_or_path}: {self.reason}"
+        message = f"{self.spell(self.name_or_path)}: {self.reason}"
         if Path(self.name_or_path).expanduser().exists():
             return message
-        s = self.setting
         return (
             f"{message}\nOffline options:\n"
-            f"  {s}=embedded     the small pre-trained model shipped with hwr\n"
-            f"  {s}=tiny         the built-in tiny model (untrained; for trying the pipeline)\n"
-            f"  {s}=/a/folder    a model saved with save_pretrained, e.g. a copy of\n"
+            f"  {self.spell('embedded')}    the small pre-trained model shipped with hwr\n"
+            f"  {self.spell('tiny')}    the built-in tiny model (untrained; for trying the "
+            "pipeline)\n"
+            f"  {self.spell('/a/folder')}    a model saved with save_pretrained, e.g. a copy of\n"
             "      microsoft/trocr-base-handwritten downloaded on a connected machine\n"
             "  HF_HOME=/path/to/cache HF_HUB_OFFLINE=1    if the hub cache was copied over"
         )
@@ -275,6 +285,7 @@ def read_images(
         idx = order[start : start + chunk]
         encoded = []
         for s in range(0, len(idx), batch_size):
+            rebalance()  # another hwr process may have started or ended
             batch = [images[i] for i in idx[s : s + batch_size]]
             pixels = processor(images=batch, return_tensors="pt").pixel_values
             pixels = pixels.to(weights.device, weights.dtype)

@@ -1,7 +1,8 @@
 """Read new images: line images, folders of them, or whole pages (segmented first).
 
+    python predict.py model=embedded inputs=path/to/img_or_folder
     python predict.py model.name_or_path=outputs/train/<run>/model inputs=path/to/img_or_folder
-    python -m hwr predict model.name_or_path=... inputs=...
+    python -m hwr predict model=embedded inputs=...
 
 Writes predictions.csv and predictions.json (every line: text and confidence), and for
 each page <page>.txt, its text in reading order, into the run folder. An input that gives
@@ -17,7 +18,6 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -25,8 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hwr.errors import UserError, hydra_task, require_count
+from hwr.errors import UserError, require_count
 from hwr.images import PAGE_MIN_HEIGHT, is_page, open_rgb, too_small
+from hwr.machine import default_device, resolve_precision
 from hwr.model import check_reading, load_pretrained, read_images
 from hwr.pages.segment import Segmenter, crop_lines, page_boxes
 from hwr.pages.xml_import import IMAGE_SUFFIXES
@@ -91,7 +92,7 @@ def check_settings(cfg: DictConfig) -> None:
     """Before the model loads: a bad setting should not cost a minute."""
     if OmegaConf.is_missing(cfg, "inputs"):
         raise UserError("inputs is missing: name an image or a folder of them, inputs=path")
-    choices = {"segment": ("auto", "pages", "lines"), "precision": ("fp32", "bf16")}
+    choices = {"segment": ("auto", "pages", "lines"), "precision": ("auto", "fp32", "bf16")}
     for name, allowed in choices.items():
         if cfg[name] not in allowed:
             raise UserError(f"{name}={cfg[name]}: use one of {', '.join(allowed)}")
@@ -104,9 +105,10 @@ def predict(cfg: DictConfig) -> list[Reading]:
     check_settings(cfg)
     paths = find_images(cfg.inputs)
     model, processor = load_pretrained(cfg.model.name_or_path, cfg.model.max_new_tokens)
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    model.eval().to(torch.device(auto if cfg.device == "auto" else cfg.device), dtype)
+    device = default_device() if cfg.device == "auto" else cfg.device
+    precision = resolve_precision(cfg.precision, device, bf16="bf16", fp32="fp32", name="precision")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model.eval().to(torch.device(device), dtype)
     if cfg.model.compile_encoder:
         model.encoder.compile()  # as in training: the encoder only, in place
     if cfg.segment == "auto":
@@ -155,13 +157,3 @@ def write_outputs(run_dir: Path, readings: list[Reading]) -> None:
         text = "\n".join(r.text for r in sorted(lines, key=lambda r: r.line)) + "\n"
         write_text(run_dir / f"{Path(source).stem}.txt", text)
     log.info("%d lines (%d pages) read -> %s", len(readings), len(pages), run_dir)
-
-
-# The project's conf/ beside the package (this is also the entry of `python -m hwr predict`).
-@hydra.main(
-    version_base="1.3",
-    config_path=str(Path(__file__).resolve().parents[1] / "conf"),
-    config_name="predict",
-)
-def main(cfg: DictConfig) -> None:
-    hydra_task(predict)(cfg)

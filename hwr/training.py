@@ -13,6 +13,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
 
 from hwr.errors import UserError
+from hwr.machine import rebalance, trainer_precision
 from hwr.model import TrOCRModule, export
 from hwr.report import write_json, write_report
 
@@ -33,6 +34,17 @@ class ExceptionCheckpoint(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
         if trainer.state.fn == TrainerFn.FITTING and trainer.global_step > 0:
             trainer.save_checkpoint(self.path)
+
+
+class ShareCores(L.Callback):
+    """Between batches, take this process's share of the cores again (hwr.machine): another
+    hwr process may have started or ended."""
+
+    def on_train_batch_start(self, *args, **kwargs) -> None:
+        rebalance()
+
+    def on_validation_batch_start(self, *args, **kwargs) -> None:
+        rebalance()
 
 
 def trained_steps(checkpoint: Path) -> int:
@@ -83,7 +95,9 @@ def train(cfg: DictConfig) -> float:
     datamodule.setup()
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     logger = instantiate(cfg.logger) if cfg.logger else False
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, precision=trainer_precision(cfg.trainer), callbacks=callbacks, logger=logger
+    )
     module.check_trainer(trainer)
 
     if ckpt is None:
@@ -137,7 +151,7 @@ def train(cfg: DictConfig) -> float:
         "augment": [k for k, v in (cfg.data.augment or {}).items() if v],
         "max_epochs": cfg.trainer.max_epochs,
         "epochs_trained": trainer.current_epoch,
-        "precision": str(cfg.trainer.precision),
+        "precision": str(trainer.precision),
         "seed": cfg.seed,
         "n_train": len(datamodule.splits["train"]),
         "n_eval": len(datamodule.eval_lines),

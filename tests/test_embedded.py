@@ -111,7 +111,7 @@ def test_predict_reads_in_bf16_with_the_weights_cast(tmp_path: Path):
         out = tmp_path / precision
         run(
             "predict.py",
-            "model.name_or_path=embedded",
+            "model=embedded",  # the offline model's one name, as train.py takes it
             f"inputs={inputs}",
             "segment=lines",
             f"precision={precision}",

@@ -23,6 +23,7 @@ from hwr.errors import UserError
 from hwr.images import open_rgb
 from hwr.model import export, load_pretrained
 from hwr.report import write_json
+from hwr.settings import bad_settings
 from hwr.training import ExceptionCheckpoint, find_checkpoint
 
 from .conftest import REPO
@@ -186,6 +187,66 @@ def test_missing_model_is_one_message(tmp_path: Path):
     assert not (tmp_path / "checkpoints").exists()
     proc = run("evaluate.py", "models.base=does/not-exist", f"hydra.run.dir={tmp_path}")
     assert_one_message(proc, "models.base=does/not-exist", "\n  models.base=embedded ")
+
+
+def test_unknown_settings_are_named_at_once_with_the_nearest_names(tmp_path: Path):
+    proc = run(
+        "train.py",
+        "trainer.max_epoch=3",
+        "optim.lrr=1e-5",
+        "model=embeded",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert_one_message(
+        proc,
+        "train.py: 3 bad settings:",
+        "trainer.max_epoch: no such setting. Did you mean trainer.max_epochs?",
+        "optim.lrr: no such setting. Did you mean optim.lr",
+        "model=embeded: no such option. Did you mean embedded?",
+    )
+    assert not (tmp_path / "run").exists()  # stopped before Hydra made the run
+
+
+def test_settings_are_checked_as_each_script_and_group_defines_them():
+    assert bad_settings("predict", ["model=embedded", "inputs=x", "segmnt=pages"]) == [
+        "segmnt: no such setting. Did you mean segment or segmenter?"
+    ]
+    # Keys that exist only once a group option (or one of a sweep's) is chosen, hydra's
+    # own, additions with +, and sweeps of values are all fine.
+    assert not bad_settings(
+        "train",
+        [
+            "model/adapter=lora",
+            "model.adapter.r=4",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "experiment=quickstart,learning_curve",
+            "data.train_lines=16",
+            "+trainer.limit_train_batches=2",
+            "optim.lr=1e-5,3e-5",
+            "~data.augment.blur",
+        ],
+    )
+    assert bad_settings("evaluate", ["+models.a=tiny", "data.evalsplit=all"]) == [
+        "data.evalsplit: no such setting. Did you mean data.eval_split?"
+    ]
+    assert bad_settings("train", ["trainer=gpus", "trainer.max_epoch=2"]) == [
+        "trainer=gpus: no such option. Did you mean gpu? trainer is one of: ddp, default, gpu",
+        "trainer.max_epoch: no such setting. Did you mean trainer.max_epochs?",
+    ]
+
+
+def test_help_is_short_and_loads_no_model_library():
+    for script in ("train.py", "evaluate.py", "predict.py"):
+        code = (
+            "import runpy, sys; sys.argv = [sys.argv[1], '--help']; "
+            "runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "assert 'torch' not in sys.modules, 'torch was imported'"
+        )
+        proc = run("-c", code, script)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "Common settings:" in proc.stdout and len(proc.stdout.splitlines()) < 30
+        assert "model=embedded" in proc.stdout
 
 
 def test_full_error_still_shows_the_traceback(tmp_path: Path):

@@ -44,10 +44,13 @@ def test_unreachable_hub_model_names_the_offline_options():
         load_pretrained("someone/not-a-cached-model")
     message = str(err.value)
     assert message.startswith("model.name_or_path=someone/not-a-cached-model: could not load")
-    assert "\n  model.name_or_path=embedded " in message  # real lines, not a repr's "\\n"
-    assert "model.name_or_path=tiny" in message
+    assert "\n  model=embedded " in message  # real lines, not a repr's "\\n"
+    assert "\n  model=tiny " in message and "\n  model.name_or_path=/a/folder " in message
     err.value.setting = "models.base"  # how evaluate.py names it
     assert "\n  models.base=embedded " in str(err.value) and "model.name" not in str(err.value)
+    err.value.setting = "--model"  # how hwr label names it
+    assert str(err.value).startswith("--model someone/not-a-cached-model: could not load")
+    assert "\n  --model embedded " in str(err.value)
 
 
 def test_folder_that_is_not_a_model_is_named(tmp_path: Path):

@@ -123,16 +123,24 @@ def test_evaluate_compares_any_number_of_models(
         "data.num_workers=0",
     )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    # The tuned model was trained on 20 of the 40 lines: scored on the other 20 apart.
-    assert list(metrics) == ["base", "tuned", "tuned (unseen)", "scratch"]
-    assert [m["n_lines"] for m in metrics.values()] == [40, 40, 20, 40]
+    # The tuned model was trained on 20 of the 40 lines: every model is also scored on the
+    # other 20, like for like.
+    names = ["base", "tuned", "scratch"]
+    assert list(metrics) == names + [f"{n} (unseen)" for n in names]
+    assert [m["n_lines"] for m in metrics.values()] == [40, 40, 40, 20, 20, 20]
     assert "models.tuned was trained on 20 of these 40 lines" in out
-    assert "| tuned |" in out
-    for name in ("base", "tuned", "scratch"):
+    assert "Every model is also scored on the 20 lines no model here was trained on" in out
+    assert "| tuned |" in out and "| base (unseen) |" in out
+    for name in names:
         assert scalars(tmp_path / "tensorboard" / name, "val/cer")
     assert (tmp_path / "comparison.png").is_file() and (tmp_path / "examples.png").is_file()
     with (tmp_path / "predictions.csv").open(encoding="utf-8") as f:
-        assert len(list(csv.DictReader(f))) == 40
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 40
+    unseen = {n: {r["file_name"] for r in rows if r[f"{n} (unseen)_cer"] != "nan"} for n in names}
+    assert len(unseen["base"]) == 20 and unseen["base"] == unseen["tuned"] == unseen["scratch"]
+    trained = json.loads((trained_run / "model" / "trained_on.json").read_text())["train_images"]
+    assert not {Path(f).name for f in unseen["tuned"]} & {Path(t).name for t in trained}
 
 
 def test_multirun_writes_a_summary_that_shows_failed_jobs(tmp_path: Path):

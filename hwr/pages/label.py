@@ -53,9 +53,13 @@ class LabelStore:
 
     def prefill(self, model_name: str, batch_size: int = 16) -> None:
         """Read every unlabelled line with the model, for the text box and the order."""
-        from hwr.model import load_pretrained, read_images
+        from hwr.model import ModelUnavailableError, load_pretrained, read_images
 
-        model, processor = load_pretrained(model_name)
+        try:
+            model, processor = load_pretrained(model_name)
+        except ModelUnavailableError as e:
+            e.setting = "--model"  # the offline options as hwr label takes them
+            raise
         model.eval()
         todo = [i for i in range(len(self.rows)) if i not in self.done and self.image_path(i)]
         images = [open_rgb(self.image_path(i)) for i in todo]

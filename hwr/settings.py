@@ -108,11 +108,12 @@ def check_settings(config_name: str, overrides: Sequence[str], conf: Path = CONF
     """Stop with one message naming every bad setting, exit status 2 (as every UserError)."""
     problems = bad_settings(config_name, overrides, conf)
     if problems:
-        script = Path(sys.argv[0]).name
+        script = Path(sys.argv[0]).name  # train.py, ..., or "hwr predict"
+        command = f"python {script}" if script.endswith(".py") else script
         print(
             f"{script}: {len(problems)} bad setting{'s' if len(problems) > 1 else ''}:\n  "
             + "\n  ".join(problems)
-            + f"\nEvery setting: python {script} --cfg job (--help for the common ones).",
+            + f"\nEvery setting: {command} --cfg job (--help for the common ones).",
             file=sys.stderr,
         )
         sys.exit(2)

@@ -205,6 +205,12 @@ def test_unknown_settings_are_named_at_once_with_the_nearest_names(tmp_path: Pat
         "model=embeded: no such option. Did you mean embedded?",
     )
     assert not (tmp_path / "run").exists()  # stopped before Hydra made the run
+    proc = run("-m", "hwr", "predict", "model=embedded", "inputs=x", "segmnt=pages")
+    assert_one_message(
+        proc,
+        "hwr predict: 1 bad setting:\n  segmnt: no such setting. Did you mean segment",
+        "Every setting: hwr predict --cfg job",
+    )
 
 
 def test_settings_are_checked_as_each_script_and_group_defines_them():

@@ -83,9 +83,9 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
         trained = seen_in_training(name_or_path, lines)
         if trained:
             log.warning(
-                "models.%s was trained on %d of these %d lines: its scores on them are not "
+                "%s was trained on %d of these %d lines: its scores on them are not "
                 "scores on unseen handwriting.",
-                name,
+                f"models.{name}" if cfg.models else name,
                 len(trained),
                 len(lines),
             )

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 log = logging.getLogger(__name__)
 
 # Where each running hwr process leaves a file named by its pid.
@@ -76,7 +78,7 @@ def resolve_precision(setting: str, device: str, *, bf16: str, fp32: str, name: 
     return chosen
 
 
-def trainer_precision(trainer_cfg) -> str:
+def trainer_precision(trainer_cfg: DictConfig) -> str:
     """The Trainer's precision: `trainer.precision`, with auto resolved for its accelerator."""
     return resolve_precision(
         trainer_cfg.precision,

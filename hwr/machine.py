@@ -98,17 +98,14 @@ def _started(pid: int) -> str:
         return ""
 
 
-def _cores() -> int:
-    """The cores this process may run on (all of them where the system cannot say)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 class CoreShare:
     """This process's share of the cores among the hwr processes running on this machine."""
 
     def __init__(self, registry: Path = REGISTRY) -> None:
         self.registry = registry
-        self.cores = _cores()
+        # What torch takes alone (its threads at the first look: one per physical core it
+        # may run on), shared out among the processes.
+        self.cores: int | None = None
         self.checked = -RECHECK
         self.registry.mkdir(parents=True, exist_ok=True)
         self.mine = self.registry / str(os.getpid())
@@ -141,6 +138,8 @@ class CoreShare:
         self.checked = now
         import torch
 
+        if self.cores is None:
+            self.cores = torch.get_num_threads()
         running = self.running()
         wanted = max(1, self.cores // running)
         if wanted != torch.get_num_threads():

@@ -52,9 +52,11 @@ def start_time(pid: int) -> str:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
 def test_hwr_processes_share_the_cores_and_take_them_back(tmp_path: Path, monkeypatch):
     threads = torch.get_num_threads()
-    share = CoreShare(tmp_path)
-    share.cores = 4
     monkeypatch.setattr(machine, "RECHECK", 0.0)
+    share = CoreShare(tmp_path)
+    share.rebalance()  # alone: what torch takes by itself, unchanged
+    assert share.cores == threads == torch.get_num_threads()
+    share.cores = 4
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         assert share.running() == 1

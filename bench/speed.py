@@ -408,17 +408,15 @@ def read_predict(
     CTC/attention decoding where the model has a CTC head unless ctc_weight=0), of the
     images as predict opens them; returns the CER of the last read (None when the decoding
     is held at NEW_TOKENS)."""
-    import torch
 
     from hwr.images import open_rgb
-    from hwr.machine import resolve_precision
+    from hwr.machine import reading_dtype
     from hwr.metrics import TextMetrics
     from hwr.model import load_pretrained, read_images
 
     cfg = compose("predict", [f"model.name_or_path={model_dir}", "inputs=-"])
     model, processor = load_pretrained(str(model_dir), cfg.model.max_new_tokens)
-    precision = resolve_precision(precision, "cpu", bf16="bf16", fp32="fp32", name="precision")
-    model.eval().to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    model.eval().to(reading_dtype(precision, "cpu"))
     if fixed:
         model.generation_config.min_new_tokens = NEW_TOKENS
         model.generation_config.max_new_tokens = NEW_TOKENS

@@ -89,6 +89,14 @@ def trainer_precision(trainer_cfg: DictConfig) -> str:
     )
 
 
+def reading_dtype(setting: str, device: str):
+    """The dtype predict.py reads in: `precision` (auto, fp32, bf16) resolved for `device`."""
+    import torch
+
+    chosen = resolve_precision(setting, device, bf16="bf16", fp32="fp32", name="precision")
+    return torch.bfloat16 if chosen == "bf16" else torch.float32
+
+
 def _started(pid: int) -> str:
     """When process `pid` started (Linux's clock ticks since boot; "" where /proc is
     missing): a pid the system gave again to another process is not taken for the first."""

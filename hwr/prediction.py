@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from hwr.errors import UserError, require_count
 from hwr.images import PAGE_MIN_HEIGHT, is_page, open_rgb, too_small
-from hwr.machine import default_device, resolve_precision
+from hwr.machine import default_device, reading_dtype
 from hwr.model import check_reading, load_pretrained, read_images
 from hwr.pages.segment import Segmenter, crop_lines, page_boxes
 from hwr.pages.xml_import import IMAGE_SUFFIXES
@@ -106,9 +106,7 @@ def predict(cfg: DictConfig) -> list[Reading]:
     paths = find_images(cfg.inputs)
     model, processor = load_pretrained(cfg.model.name_or_path, cfg.model.max_new_tokens)
     device = default_device() if cfg.device == "auto" else cfg.device
-    precision = resolve_precision(cfg.precision, device, bf16="bf16", fp32="fp32", name="precision")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model.eval().to(torch.device(device), dtype)
+    model.eval().to(torch.device(device), reading_dtype(cfg.precision, device))
     if cfg.model.compile_encoder:
         model.encoder.compile()  # as in training: the encoder only, in place
     if cfg.segment == "auto":

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hwr import machine
-from hwr.machine import CoreShare, resolve_precision, trainer_precision
+from hwr.machine import CoreShare, reading_dtype, resolve_precision, trainer_precision
 
 
 @pytest.mark.parametrize(
@@ -29,8 +29,8 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_bf16_instructions(
     with caplog.at_level("INFO", logger="hwr.machine"):
         assert trainer_precision(cfg.trainer) == chosen
     assert f"trainer.precision=auto: {chosen}, since this CPU has" in caplog.text
-    predict = "bf16" if chosen == "bf16-mixed" else "fp32"
-    assert resolve_precision("auto", "cpu", bf16="bf16", fp32="fp32", name="precision") == predict
+    predict = torch.bfloat16 if chosen == "bf16-mixed" else torch.float32
+    assert reading_dtype("auto", "cpu") == predict
     # A precision the user names is kept, whatever the CPU.
     assert trainer_precision(compose_cfg("train", ["trainer.precision=32-true"]).trainer) == (
         "32-true"

@@ -32,8 +32,9 @@ def neighbour(count_file: Path) -> None:
     os.environ["TQDM_DISABLE"] = "1"  # its progress bars would bury the table
     share_cores()  # as every entry point does, before torch loads
     from hwr.data import read_lines
+    from hwr.decoding import read_images
     from hwr.images import open_rgb
-    from hwr.model import load_pretrained, read_images
+    from hwr.model import load_pretrained
 
     model, processor = load_pretrained("embedded")
     model.eval()

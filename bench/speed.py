@@ -27,6 +27,9 @@ ratio is the median of the turns' ratios.
           decoding, the default for a model with a CTC head), and in bf16 by its decoder
           alone: lines/s and CER. `--threads 2 --only unseen` on this 2-core CPU: how fast
           predict reads there.
+  lm      the embedded model reading those lines as predict.py does (float32, greedy and
+          beam 4), without and with a language model (hwr.lm, weight 0.3) of the text of
+          Copiste's other writers (its pre-training's training writers): lines/s and CER.
   precision  the embedded model on this CPU in each precision: training at batch 32 as
           train.py does (trainer.precision=32-true, bf16-mixed and auto, the default) and
           reading 96 of those lines as predict.py does (precision=fp32, bf16 and auto):
@@ -60,7 +63,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the ways' progress bars, between t
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "copiste" / "lines.csv"
 NEW_TOKENS = 24
-TASKS = ("train", "read", "hub", "score", "unseen", "precision", "pretrain", "data", "synth")
+TASKS = ("train", "read", "hub", "score", "unseen", "lm", "precision", "pretrain", "data", "synth")
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
@@ -228,6 +231,25 @@ def write_lines(root: Path, n: int | None, unseen: bool = False) -> Path:
         for r in rows[:n]:
             writer.writerow([(source.parent / r["file_name"]).resolve(), r["text"]])
     return out
+
+
+def write_lm(root: Path) -> Path:
+    """A language model (weight 0.3) of the text of the writers the unseen ones are not
+    (Copiste's training writers; the first half of the shipped sample without ../shared)."""
+    from hwr.embedded.pretrain import writer_split
+    from hwr.lm import CharLM
+
+    source = SHARED if SHARED.is_file() else REPO / "line_data" / "lines.csv"
+    with source.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if "writer" in rows[0]:
+        texts = [r["text"] for r in rows if writer_split(r["writer"]) == "train"]
+    else:
+        texts = [r["text"] for r in rows[: len(rows) // 2]]
+    lm = CharLM.estimate(texts)
+    lm.weight = 0.3
+    lm.save(root / "lm")
+    return root / "lm"
 
 
 def _rows(csv_path: Path, n: int | None = None) -> list[dict]:
@@ -403,16 +425,20 @@ def read_predict(
     fixed: bool = True,
     batch_size: int | None = None,
     ctc_weight: float | None = None,
+    lm_dir: Path | None = None,
+    num_beams: int = 1,
 ) -> float | None:
-    """predict.py's reading (hwr.model.read_images, predict's batch size unless given, joint
+    """predict.py's reading (hwr.decoding.read_images, predict's batch size unless given, joint
     CTC/attention decoding where the model has a CTC head unless ctc_weight=0), of the
     images as predict opens them; returns the CER of the last read (None when the decoding
-    is held at NEW_TOKENS)."""
+    is held at NEW_TOKENS). With lm_dir, reading uses the language model saved there."""
 
+    from hwr.decoding import read_images
     from hwr.images import open_rgb
+    from hwr.lm import CharLM
     from hwr.machine import reading_dtype
     from hwr.metrics import TextMetrics
-    from hwr.model import load_pretrained, read_images
+    from hwr.model import load_pretrained
 
     cfg = compose("predict", [f"model.name_or_path={model_dir}", "inputs=-"])
     model, processor = load_pretrained(str(model_dir), cfg.model.max_new_tokens)
@@ -421,10 +447,17 @@ def read_predict(
         model.generation_config.min_new_tokens = NEW_TOKENS
         model.generation_config.max_new_tokens = NEW_TOKENS
     rows = _rows(csv_path, n)
+    lm = CharLM.load(lm_dir) if lm_dir else None
     while True:
         images = [open_rgb(r["file_name"]) for r in rows]
         got, _ = read_images(
-            model, processor, images, batch_size or cfg.batch_size, ctc_weight=ctc_weight
+            model,
+            processor,
+            images,
+            batch_size or cfg.batch_size,
+            num_beams,
+            ctc_weight=ctc_weight,
+            lm=lm,
         )
         if not turns.tick(len(images)):
             break
@@ -623,6 +656,18 @@ def main() -> None:
                     ),
                 },
             )
+        if "lm" in only:
+            lm_dir = write_lm(root)
+            for beams in (1, 4):
+                way = (embedded, unseen, None, "fp32", False, 64)
+                run(
+                    "embedded",
+                    f"lm, beam {beams}",
+                    {
+                        "without": (read_predict, (*way, None, None, beams)),
+                        "with the LM": (read_predict, (*way, None, lm_dir, beams)),
+                    },
+                )
         if not args.quick and "train" in only:
             run(
                 "embedded",

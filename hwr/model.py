@@ -18,29 +18,20 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from peft import PeftConfig, PeftModel, get_peft_model
-from PIL import Image
-from tqdm.auto import tqdm
 from transformers import (
-    LogitsProcessorList,
     TrOCRProcessor,
     VisionEncoderDecoderModel,
     get_linear_schedule_with_warmup,
 )
 from transformers.modeling_outputs import BaseModelOutput
 
+from hwr.decoding import check_reading, read_batch
 from hwr.embedded import embedded_path
-from hwr.embedded.ctc import (
-    JOINT_WEIGHT,
-    CTCPrefixScorer,
-    ctc_greedy,
-    ctc_loss,
-    ctc_reader,
-    load_strip_head,
-)
+from hwr.embedded.ctc import ctc_loss, ctc_reader, load_strip_head
 from hwr.embedded.tiny import build_tiny
-from hwr.errors import UserError, require_count
-from hwr.images import open_rgb, reading_order
-from hwr.machine import rebalance
+from hwr.errors import UserError
+from hwr.images import open_rgb
+from hwr.lm import CharLM, load_lm
 from hwr.metrics import TextMetrics
 from hwr.report import umask, write_json
 
@@ -48,8 +39,6 @@ log = logging.getLogger(__name__)
 
 # The CTC head's share of the loss when tuning a model that has one (as in pre-training).
 CTC_LOSS = 0.5
-# Batches read_images encodes ahead to order a CTC model's lines by reading length.
-LOOKAHEAD = 4
 
 
 class ModelUnavailableError(UserError, OSError):
@@ -187,133 +176,6 @@ def wire_token_ids(
     model.generation_config.use_cache = True
 
 
-def check_reading(num_beams: int, max_new_tokens: int | None, ctc_weight: float | None) -> None:
-    """The model.* reading settings (train.py, predict.py), checked before the model loads:
-    a bad setting should not cost a minute."""
-    require_count("model.num_beams", num_beams, 1)
-    require_count("model.max_new_tokens", max_new_tokens, 1)
-    if ctc_weight is not None and not 0.0 <= ctc_weight < 1.0:
-        raise UserError(
-            f"model.ctc_weight={ctc_weight}: must be in [0, 1) (0: the decoder alone), "
-            "or null for the default"
-        )
-
-
-@torch.no_grad()
-def read_batch(
-    model: VisionEncoderDecoderModel,
-    processor: TrOCRProcessor,
-    pixel_values: torch.Tensor | None,
-    num_beams: int = 1,
-    max_new_tokens: int | None = None,
-    confidence: bool = True,
-    encoder_outputs: BaseModelOutput | None = None,
-    ctc_weight: float | None = None,
-) -> tuple[list[str], list[float] | None]:
-    """Decode a batch of processed line images (or the encoder's outputs for them, when
-    already computed); also each line's confidence, if asked. A model with a CTC head reads
-    by joint CTC/attention decoding (hwr.embedded.ctc), the head's share `ctc_weight`
-    (None: JOINT_WEIGHT; 0: the decoder alone).
-
-    Confidence is the geometric mean of the chosen tokens' probabilities, end token
-    included: 1.0 when the model is sure of every character, lower where it hesitated.
-    It needs every step's scores, so scoring (validation) leaves it out.
-    """
-    # An explicit max_new_tokens=None would mean transformers' default of 20 tokens, not the
-    # model's generation config: pass it only when set.
-    limit = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
-    weight = JOINT_WEIGHT if ctc_weight is None else ctc_weight
-    head = ctc_reader(model) if weight else None
-    if head is not None and encoder_outputs is None:
-        encoder_outputs = model.encoder(pixel_values=pixel_values)
-    if encoder_outputs is not None:  # generate widens it in place for beams: a fresh one
-        encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state)
-    joint = []
-    if head is not None:
-        tok = processor.tokenizer
-        logits = head(encoder_outputs.last_hidden_state)
-        skip = {tok.bos_token_id}
-        joint = [CTCPrefixScorer(logits, tok.pad_token_id, tok.eos_token_id, skip, weight)]
-    given = {"pixel_values": pixel_values} if encoder_outputs is None else {}
-    out = model.generate(
-        **given,
-        encoder_outputs=encoder_outputs,
-        num_beams=num_beams,
-        **limit,
-        logits_processor=LogitsProcessorList(joint),
-        output_scores=confidence,
-        return_dict_in_generate=True,
-    )
-    texts = [t.strip() for t in processor.batch_decode(out.sequences, skip_special_tokens=True)]
-    if not confidence:
-        return texts, None
-    logp = model.compute_transition_scores(
-        out.sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=True
-    )
-    generated = out.sequences[:, -logp.shape[1] :]
-    valid = (generated != model.generation_config.pad_token_id) & torch.isfinite(logp)
-    mean = torch.where(valid, logp, 0.0).sum(1) / valid.sum(1).clamp(min=1)
-    return texts, mean.exp().tolist()
-
-
-@torch.no_grad()
-def read_images(
-    model: VisionEncoderDecoderModel,
-    processor: TrOCRProcessor,
-    images: Sequence[Image.Image],
-    batch_size: int = 16,
-    num_beams: int = 1,
-    max_new_tokens: int | None = None,
-    ctc_weight: float | None = None,
-) -> tuple[list[str], list[float]]:
-    """Read line images in batches, on the model's device and in its dtype (predict's
-    precision=bf16 casts the model: faster than autocast, which casts activations back and
-    forth at every layer); texts and confidences in the images' order.
-
-    Lines are encoded in `reading_order`. A model with a CTC head encodes LOOKAHEAD
-    batches at a time and decodes them in order of the length of the head's reading, so a
-    batch's rows end together: a quarter fewer decoder steps on Copiste's test writers
-    than by shape alone.
-    """
-    weights = next(model.parameters())
-    head = ctc_reader(model)
-    order = reading_order([image.size for image in images])
-    chunk = batch_size * (LOOKAHEAD if head is not None else 1)
-    texts, confidences = [""] * len(images), [0.0] * len(images)
-    bar = tqdm(total=len(images), desc="reading", unit="line")
-    for start in range(0, len(order), chunk):
-        idx = order[start : start + chunk]
-        encoded = []
-        for s in range(0, len(idx), batch_size):
-            rebalance()  # another hwr process may have started or ended
-            batch = [images[i] for i in idx[s : s + batch_size]]
-            pixels = processor(images=batch, return_tensors="pt").pixel_values
-            pixels = pixels.to(weights.device, weights.dtype)
-            encoded.append(model.encoder(pixel_values=pixels).last_hidden_state)
-        states = torch.cat(encoded)
-        if head is not None:
-            lengths = [len(r) for r in ctc_greedy(head(states), processor.tokenizer.pad_token_id)]
-            perm = sorted(range(len(idx)), key=lengths.__getitem__)
-        else:
-            perm = list(range(len(idx)))
-        for s in range(0, len(idx), batch_size):
-            rows = perm[s : s + batch_size]
-            got, conf = read_batch(
-                model,
-                processor,
-                None,
-                num_beams,
-                max_new_tokens,
-                encoder_outputs=BaseModelOutput(last_hidden_state=states[rows]),
-                ctc_weight=ctc_weight,
-            )
-            for row, text, c in zip(rows, got, conf, strict=True):
-                texts[idx[row]], confidences[idx[row]] = text, c
-            bar.update(len(rows))
-    bar.close()
-    return texts, confidences
-
-
 TRAINED_ON = "trained_on.json"
 
 
@@ -322,11 +184,13 @@ def export(
     processor: TrOCRProcessor,
     out_dir: Path,
     trained_on: dict | None = None,
+    lm: CharLM | None = None,
 ) -> Path:
     """Save model + processor so `from_pretrained` loads them; atomic, never half-written.
 
     `trained_on` (the CSV and the training images) is kept beside them as trained_on.json,
-    so evaluate.py can tell a model's training lines from lines it never saw.
+    so evaluate.py can tell a model's training lines from lines it never saw; the language
+    model of the training text `lm` (hwr.lm), if any, as lm.arpa and lm.json.
     """
     out_dir = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
@@ -334,6 +198,8 @@ def export(
     processor.save_pretrained(tmp)
     if trained_on is not None:
         write_json(tmp / TRAINED_ON, trained_on)
+    if lm is not None:
+        lm.save(tmp)
     # mkdtemp's folder and the weights file transformers writes are private (0700, 0600):
     # that mode would follow the model wherever it is copied, unreadable to anyone else.
     mask = umask()
@@ -349,7 +215,8 @@ def export(
 class TrOCRModule(L.LightningModule):
     """Fine-tunes a VisionEncoderDecoder; validation reads every line with `generate`.
 
-    After each validation epoch, `predictions` maps a line's index in the evaluated
+    Reading uses the language model saved with the model (`lm`), if any. After each
+    validation epoch, `predictions` maps a line's index in the evaluated
     lines to (predicted text, line CER); `base_result` carries the base model's score
     through checkpoints so a resumed run still reports it.
     """
@@ -361,6 +228,7 @@ class TrOCRModule(L.LightningModule):
         warmup_ratio: float = 0.1,
         num_beams: int = 1,
         ctc_weight: float | None = None,
+        lm_weight: float | None = None,
         max_new_tokens: int = 128,
         log_examples: int = 4,
         compile_encoder: bool = False,
@@ -370,7 +238,7 @@ class TrOCRModule(L.LightningModule):
         step_in_backward: bool = False,
     ) -> None:
         super().__init__()
-        check_reading(num_beams, max_new_tokens, ctc_weight)
+        check_reading(num_beams, max_new_tokens, ctc_weight, lm_weight)
         if not 0.0 <= warmup_ratio < 1.0:
             raise UserError(f"model.warmup_ratio={warmup_ratio}: must be in [0, 1)")
         lr = getattr(optimizer, "keywords", {}).get("lr")
@@ -383,6 +251,16 @@ class TrOCRModule(L.LightningModule):
         freeze = list(freeze)
         self.save_hyperparameters(ignore=["optimizer", "adapter"])
         self.model, self.processor = load_pretrained(name_or_path, max_new_tokens)
+        # The language model saved with the model, if any, at its weight (train.py builds one).
+        self.lm = load_lm(name_or_path, lm_weight)
+        if self.lm is not None and lm_weight is None and self.lm.beams != num_beams:
+            log.info(
+                "The language model's weight %g was chosen for model.num_beams=%d; reading "
+                "with %d (model.lm_weight=W sets another)",
+                self.lm.weight,
+                self.lm.beams,
+                num_beams,
+            )
         if adapter is not None:
             # Only the adapters train; they are merged into the weights for export.
             self.model = get_peft_model(self.model, adapter)
@@ -456,6 +334,7 @@ class TrOCRModule(L.LightningModule):
             confidence=False,
             encoder_outputs=encoder_outputs,
             ctc_weight=self.hparams.ctc_weight,
+            lm=self.lm,
         )
         return texts
 

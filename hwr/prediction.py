@@ -25,10 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
+from hwr.decoding import check_reading, read_images
 from hwr.errors import UserError, require_count
 from hwr.images import PAGE_MIN_HEIGHT, is_page, open_rgb, too_small
+from hwr.lm import load_lm
 from hwr.machine import default_device, reading_dtype
-from hwr.model import check_reading, load_pretrained, read_images
+from hwr.model import load_pretrained
 from hwr.pages.segment import Segmenter, crop_lines, page_boxes
 from hwr.pages.xml_import import IMAGE_SUFFIXES
 from hwr.report import write_json, write_skipped, write_text
@@ -97,7 +99,8 @@ def check_settings(cfg: DictConfig) -> None:
         if cfg[name] not in allowed:
             raise UserError(f"{name}={cfg[name]}: use one of {', '.join(allowed)}")
     require_count("batch_size", cfg.batch_size, 1)
-    check_reading(cfg.model.num_beams, cfg.model.max_new_tokens, cfg.model.ctc_weight)
+    model = cfg.model
+    check_reading(model.num_beams, model.max_new_tokens, model.ctc_weight, model.lm_weight)
 
 
 def predict(cfg: DictConfig) -> list[Reading]:
@@ -105,6 +108,9 @@ def predict(cfg: DictConfig) -> list[Reading]:
     check_settings(cfg)
     paths = find_images(cfg.inputs)
     model, processor = load_pretrained(cfg.model.name_or_path, cfg.model.max_new_tokens)
+    lm = load_lm(cfg.model.name_or_path, cfg.model.lm_weight)
+    if lm is not None:
+        log.info("Reading with the language model of the training text (weight %g)", lm.weight)
     device = default_device() if cfg.device == "auto" else cfg.device
     model.eval().to(torch.device(device), reading_dtype(cfg.precision, device))
     if cfg.model.compile_encoder:
@@ -132,6 +138,7 @@ def predict(cfg: DictConfig) -> list[Reading]:
         cfg.model.num_beams,
         cfg.model.max_new_tokens,
         ctc_weight=cfg.model.ctc_weight,
+        lm=lm,
     )
     for reading, text, conf in zip(readings, texts, confidences, strict=True):
         reading.text, reading.confidence = text, round(conf, 4)

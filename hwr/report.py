@@ -150,6 +150,11 @@ def plot_learning_curve(path: Path, points: Sequence[Mapping]) -> Path:
     ax.errorbar(xs, means, yerr=spread, marker="o", capsize=4, label="tuned (mean, min-max)")
     for x, m in zip(xs, means, strict=True):
         ax.annotate(f"{m:.3f}", (x, m), textcoords="offset points", xytext=(6, 6), ha="left")
+    lm = [p["lm_cer"] for p in points if p.get("lm_cer") is not None]
+    if len(lm) == len(points):
+        ax.plot(xs, lm, marker="s", label="tuned + language model of the training text (mean)")
+        for x, m in zip(xs, lm, strict=True):
+            ax.annotate(f"{m:.3f}", (x, m), textcoords="offset points", xytext=(6, -12))
     base = sum(p["base_cer"] for p in points) / len(points)
     ax.axhline(base, color="grey", linestyle="--", label=f"base {base:.3f}")
     ax.set_xscale("log", base=2)
@@ -157,7 +162,7 @@ def plot_learning_curve(path: Path, points: Sequence[Mapping]) -> Path:
     ax.set_xticklabels([str(x) for x in xs])
     ax.set_xlabel("training lines")
     ax.set_ylabel("CER on held-out lines (lower is better)")
-    ax.set_ylim(0, max(base, *means) * 1.15)
+    ax.set_ylim(0, max(base, *means, *lm) * 1.15)
     ax.set_title("How many lines to label: CER against training lines")
     ax.legend()
     fig.tight_layout()

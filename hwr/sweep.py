@@ -20,10 +20,18 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from hwr.errors import find_user_error
+from hwr.lm import LM_NAME
 from hwr.metrics import METRICS
 from hwr.report import plot_learning_curve, write_text
 
-COLUMNS = ("job", "status", "overrides", *(f"{w}_{m}" for w in ("base", "tuned") for m in METRICS))
+COLUMNS = (
+    "job",
+    "status",
+    "overrides",
+    *(f"{w}_{m}" for w in ("base", "tuned") for m in METRICS),
+    "tuned_lm_cer",
+)
+WITH_LM = f"tuned + {LM_NAME}"  # the tuned model read with the language model of its text
 
 
 def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -37,6 +45,8 @@ def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
             row["status"] = "ok"
             for which in ("base", "tuned"):
                 row |= {f"{which}_{m}": metrics[which][m] for m in METRICS}
+            if WITH_LM in metrics:
+                row["tuned_lm_cer"] = metrics[WITH_LM]["cer"]
         elif (job / "error.txt").is_file():
             lines = (job / "error.txt").read_text(encoding="utf-8").strip().splitlines()
             row["status"] = f"failed: {lines[-1] if lines else 'see error.txt'}"
@@ -70,10 +80,11 @@ def learning_curve(sweep_dir: Path) -> list[dict[str, Any]]:
     """Finished jobs of a sweep over data.train_lines, grouped by how many lines trained.
 
     Each point: lines, runs (subset orders), tuned CER mean/min/max, base CER (the same
-    held-out lines for every job), the change against it, and the characters a person
-    corrects per line in the base and the tuned reading (as the labelling page pre-fills).
+    held-out lines for every job), the change against it, the characters a person
+    corrects per line in the base and the tuned reading (as the labelling page pre-fills),
+    and the tuned CER read with the language model of the training text (None without).
     """
-    by_size: dict[int, list[tuple[float, float, float, float]]] = {}
+    by_size: dict[int, list[tuple]] = {}
     for job in sorted(p for p in Path(sweep_dir).iterdir() if (p / "metrics.json").is_file()):
         overrides = OmegaConf.load(job / ".hydra" / "overrides.yaml")
         if not any(str(o).startswith("data.train_lines=") for o in overrides):
@@ -89,12 +100,16 @@ def learning_curve(sweep_dir: Path) -> list[dict[str, Any]]:
             for w in ("base", "tuned")
         ]
         n = metrics["settings"]["n_train"]
-        by_size.setdefault(n, []).append((metrics["base"]["cer"], metrics["tuned"]["cer"], *fixes))
+        with_lm = metrics[WITH_LM]["cer"] if WITH_LM in metrics else None
+        by_size.setdefault(n, []).append(
+            (metrics["base"]["cer"], metrics["tuned"]["cer"], *fixes, with_lm)
+        )
     points = []
     for n, runs in sorted(by_size.items()):
         tuned = [r[1] for r in runs]
         base = sum(r[0] for r in runs) / len(runs)
         mean = sum(tuned) / len(tuned)
+        with_lm = [r[4] for r in runs if r[4] is not None]
         points.append(
             {
                 "lines": n,
@@ -106,6 +121,7 @@ def learning_curve(sweep_dir: Path) -> list[dict[str, Any]]:
                 "change": (mean - base) / base if base else 0.0,
                 "base_fixes": sum(r[2] for r in runs) / len(runs),
                 "tuned_fixes": sum(r[3] for r in runs) / len(runs),
+                "lm_cer": sum(with_lm) / len(with_lm) if len(with_lm) == len(runs) else None,
             }
         )
     return points
@@ -114,14 +130,15 @@ def learning_curve(sweep_dir: Path) -> list[dict[str, Any]]:
 def curve_table(points: list[dict[str, Any]]) -> str:
     rows = [
         "| training lines | runs | tuned CER (mean) | min | max | base CER | change "
-        "| characters to fix per line, base → tuned |",
-        "|---|---|---|---|---|---|---|---|",
+        "| characters to fix per line, base → tuned | tuned + LM CER (mean) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
+        lm = "" if p["lm_cer"] is None else f"{p['lm_cer']:.4f}"
         rows.append(
             f"| {p['lines']} | {p['runs']} | {p['tuned_cer']:.4f} | {p['min']:.4f} | "
             f"{p['max']:.4f} | {p['base_cer']:.4f} | {100 * p['change']:+.1f}% "
-            f"| {p['base_fixes']:.1f} → {p['tuned_fixes']:.1f} |"
+            f"| {p['base_fixes']:.1f} → {p['tuned_fixes']:.1f} | {lm} |"
         )
     return "\n".join(rows)
 

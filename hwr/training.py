@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
 import lightning as L
@@ -12,8 +13,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
 
+from hwr.data import LineDataModule
+from hwr.decoding import read_images
 from hwr.errors import UserError
+from hwr.images import open_rgb
+from hwr.lm import LM_NAME, CharLM, choose_weight, read_texts
 from hwr.machine import rebalance, trainer_precision
+from hwr.metrics import TextMetrics
 from hwr.model import TrOCRModule, export
 from hwr.report import write_json, write_report
 
@@ -124,11 +130,16 @@ def train(cfg: DictConfig) -> float:
     )
     if not trainer.is_global_zero:  # under DDP, one process writes the run's files
         return tuned["metrics"]["cer"]
+    lm, lm_settings = None, None
+    if cfg.model.lm_weight != 0:
+        lm, lm_settings, results[f"tuned + {LM_NAME}"] = language_model(
+            cfg, module, datamodule, trainer.strategy.root_device
+        )
     trained_on = {
         "csv": str(Path(cfg.data.csv).resolve()),
         "train_images": [str(line.image) for line in datamodule.splits["train"]],
     }
-    export(module.merged_model(), module.processor, run_dir / "model", trained_on)
+    export(module.merged_model(), module.processor, run_dir / "model", trained_on, lm)
 
     settings = {
         "model": str(cfg.model.name_or_path),
@@ -156,6 +167,7 @@ def train(cfg: DictConfig) -> float:
         "n_train": len(datamodule.splits["train"]),
         "n_eval": len(datamodule.eval_lines),
         "best_checkpoint": best,
+        "lm": lm_settings,
     }
     metrics = {name: r["metrics"] for name, r in results.items()}
     write_json(run_dir / "metrics.json", {**metrics, "settings": settings})
@@ -166,4 +178,76 @@ def train(cfg: DictConfig) -> float:
             {f"hp/{name}_{k}": v for name, m in metrics.items() for k, v in m.items()},
         )
     log.info("Validation scores (%s)\n%s\nWritten to %s", cfg.data.csv, table, run_dir)
-    return metrics["tuned"]["cer"]
+    return metrics[f"tuned + {LM_NAME}" if lm else "tuned"]["cer"]
+
+
+def language_model(
+    cfg: DictConfig, module: TrOCRModule, datamodule: LineDataModule, device: torch.device
+) -> tuple[CharLM, dict, dict]:
+    """The language model of the training split's text (and lm.texts), never of the lines
+    it is scored on; its settings, with the weight chosen on lm.tune_lines of the
+    validation lines (unless model.lm_weight names one) and those lines' names; the tuned
+    model's reading of every validation line with it.
+    """
+    texts = [line.text for line in datamodule.splits["train"]] + read_texts(cfg.lm.texts)
+    lm = CharLM.estimate(texts, cfg.lm.order)
+    model = module.merged_model().eval().to(device)
+    lines = datamodule.eval_lines
+    images = [open_rgb(line.image) for line in lines]
+    m = cfg.model
+
+    def read(with_lm: CharLM | None, rows: list[int]) -> list[str]:
+        picked = [images[i] for i in rows]
+        return read_images(
+            model,
+            module.processor,
+            picked,
+            cfg.data.eval_batch_size,
+            m.num_beams,
+            m.max_new_tokens,
+            ctc_weight=m.ctc_weight,
+            lm=with_lm,
+        )[0]
+
+    grid, rows = [], []
+    lm.beams = m.num_beams
+    if m.lm_weight is None:
+        rows = random.Random(cfg.seed).sample(range(len(lines)), min(cfg.lm.tune_lines, len(lines)))
+        log.info(
+            "Choosing the language model's weight: reading %d validation lines at %d settings",
+            len(rows),
+            1 + len(cfg.lm.weights) * len(cfg.lm.bonuses),
+        )
+        grid = choose_weight(
+            lm,
+            lambda with_lm: read(with_lm, rows),
+            [lines[i].text for i in rows],
+            cfg.lm.weights,
+            cfg.lm.bonuses,
+        )
+        log.info("Language model weight %g, bonus %g:\n%s", lm.weight, lm.bonus, grid_table(grid))
+    else:
+        lm.weight = m.lm_weight
+    settings = {
+        "order": lm.order,
+        "lines": lm.lines,
+        "weight": lm.weight,
+        "bonus": lm.bonus,
+        "beams": lm.beams,
+        "grid": grid,
+        "tuned_on": [lines[i].file_name for i in rows],
+    }
+    metrics = TextMetrics()
+    every = list(range(len(lines)))
+    texts = read(lm if lm.weight else None, every)
+    per_line = metrics.update(texts, [line.text for line in lines]).tolist()
+    predictions = dict(zip(every, zip(texts, per_line, strict=True), strict=True))
+    module.lm = lm if lm.weight else None
+    return lm, settings, {"metrics": metrics.compute(), "predictions": predictions}
+
+
+def grid_table(grid: list[dict]) -> str:
+    rows = ["| weight | bonus | CER |", "|---|---|---|"]
+    return "\n".join(
+        rows + [f"| {p['weight']:g} | {p['bonus']:g} | {p['cer']:.4f} |" for p in grid]
+    )

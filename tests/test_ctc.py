@@ -11,8 +11,9 @@ from PIL import Image
 from transformers import VisionEncoderDecoderModel
 
 from hwr.data import read_lines
-from hwr.embedded.ctc import CTCPrefixScorer, add_strip_head
-from hwr.model import TrOCRModule, export, load_pretrained, read_batch, read_images
+from hwr.decoding import CTCPrefixScorer, read_batch, read_images
+from hwr.embedded.ctc import add_strip_head
+from hwr.model import TrOCRModule, export, load_pretrained
 
 from .conftest import SAMPLE_CSV
 

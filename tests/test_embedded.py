@@ -16,8 +16,8 @@ from fontTools.ttLib import TTFont
 from PIL import Image
 
 from hwr.data import LineDataset, read_lines
+from hwr.decoding import ctc_greedy, read_images
 from hwr.embedded import LAYOUTS, WEIGHTS, build_embedded
-from hwr.embedded.ctc import ctc_greedy
 from hwr.embedded.pretrain import (
     CoarseElastic,
     LineStream,
@@ -39,7 +39,7 @@ from hwr.embedded.synth import (
 )
 from hwr.embedded.tiny import ALPHABET
 from hwr.metrics import TextMetrics
-from hwr.model import load_pretrained, read_images
+from hwr.model import load_pretrained
 
 from .conftest import SAMPLE_CSV, SHARED_DATA
 from .test_scripts import run

@@ -14,6 +14,8 @@ from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import VisionEncoderDecoderModel
 
+from hwr.lm import load_lm
+
 from .conftest import REPO
 
 # Reading is cut short for speed; labels keep their length (else they are bad rows).
@@ -23,6 +25,9 @@ FAST = [
     "data.num_workers=0",
     "model.max_new_tokens=24",
     "data.max_target_length=128",
+    "lm.weights=[0.3,1.0]",
+    "lm.bonuses=[0.0]",
+    "lm.tune_lines=12",
 ]
 
 
@@ -65,16 +70,24 @@ def test_a_fresh_run_is_not_warned_about_checkpoints_it_never_asked_for(trained_
 
 def test_train_leaves_every_file(trained_run: Path):
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    for which in ("base", "tuned"):
+    for which in ("base", "tuned", "tuned + LM"):
         assert set(metrics[which]) == {"cer", "wer", "accuracy", "char_similarity", "n_lines"}
         assert metrics[which]["n_lines"] == 20  # the 50/50 split of 40 lines
+    # The language model's weight, chosen on 12 validation lines (0: without it).
+    lm = metrics["settings"]["lm"]
+    assert [(p["weight"], p["bonus"]) for p in lm["grid"]] == [(0, 0), (0.3, 0), (1.0, 0)]
+    assert lm["weight"] == min(lm["grid"], key=lambda p: p["cer"])["weight"]
     assert metrics["settings"]["optim"]["lr"] == 1e-5
     assert metrics["settings"]["n_train"] == 20 and metrics["settings"]["epochs_trained"] == 2
 
     with (trained_run / "predictions.csv").open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 20
-    assert set(rows[0]) == {"file_name", "reference", "base", "base_cer", "tuned", "tuned_cer"}
+    assert list(rows[0]) == [
+        "file_name",
+        "reference",
+        *("base", "base_cer", "tuned", "tuned_cer", "tuned + LM", "tuned + LM_cer"),
+    ]
 
     for png in ("comparison.png", "examples.png"):
         assert (trained_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -84,6 +97,9 @@ def test_train_leaves_every_file(trained_run: Path):
     assert model.generation_config.decoder_start_token_id == 2
     trained_on = json.loads((trained_run / "model" / "trained_on.json").read_text())
     assert len(trained_on["train_images"]) == 20 and trained_on["csv"].endswith("lines.csv")
+    # The language model of the 20 training lines' text, saved with the model at its weight.
+    saved = load_lm(str(trained_run / "model"), lm["weight"] or 0.5)
+    assert saved.lines == 20 and saved.order == 6
 
 
 def test_tensorboard_curves_start_at_the_base_score(trained_run: Path):

@@ -4,6 +4,7 @@ plain model; training subsets nest; the learning-curve sweep draws its curve."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from functools import partial
@@ -133,6 +134,8 @@ def test_learning_curve_sweep_writes_the_curve(tmp_path: Path):
             "data.num_workers=0",
             "model.max_new_tokens=8",
             "data.max_target_length=128",
+            "lm.weights=[0.5]",
+            "lm.bonuses=[0.0]",
             f"hydra.sweep.dir={tmp_path}",
         ],
         cwd=REPO,
@@ -143,6 +146,9 @@ def test_learning_curve_sweep_writes_the_curve(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "learning_curve.md").read_text()
     assert "| 2 | 2 |" in table and "| 4 | 2 |" in table  # two subset orders each
+    # Each size also read with the language model of its training lines' text.
+    rows = [row for row in table.splitlines() if row.startswith(("| 2 |", "| 4 |"))]
+    assert "tuned + LM CER" in table and all(re.search(r"\| \d\.\d{4} \|$", r) for r in rows)
     assert (tmp_path / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
 
     def trained_on(job: Path) -> set[str]:

@@ -7,7 +7,7 @@ embedding is what lets a transformer learn handwriting from small data). Here fo
 3x3 convolutions (stride 2, 2, (2,1), 2) take a 64-pixel-high line to 4 rows of columns
 8 pixels apart, the rows are stacked into one vector per column, and ViT's own layers
 read the columns. A CTC head on the columns is trained with the decoder and kept in the
-weights: its best path (`ctc_logits`, then `hwr.embedded.ctc.ctc_greedy`) is a one-pass
+weights: its best path (`ctc_logits`, then `hwr.decoding.ctc_greedy`) is a one-pass
 reading that cannot loop.
 
 Not a stock transformers class: it is registered with AutoConfig/AutoModel when

@@ -54,11 +54,12 @@ from torchvision.transforms.v2 import functional as TF
 from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
 from hwr.data import LineDataset, collate, encode_line, read_lines
+from hwr.decoding import JOINT_WEIGHT, ctc_greedy, read_batch
 from hwr.embedded import LAYOUT, LAYOUTS, build_embedded
-from hwr.embedded.ctc import JOINT_WEIGHT, add_strip_head, ctc_greedy, ctc_loss, ctc_reader
+from hwr.embedded.ctc import add_strip_head, ctc_loss, ctc_reader
 from hwr.embedded.synth import HELD_OUT_FONTS, TRAIN_FONTS, TextSource, render_line, synthetic_lines
 from hwr.metrics import TextMetrics
-from hwr.model import export, load_pretrained, read_batch, wire_token_ids
+from hwr.model import export, load_pretrained, wire_token_ids
 from hwr.report import atomic_write
 
 

@@ -52,8 +52,11 @@ class LabelStore:
         return path if path.is_relative_to(self.root) and path.is_file() else None
 
     def prefill(self, model_name: str, batch_size: int = 16) -> None:
-        """Read every unlabelled line with the model, for the text box and the order."""
-        from hwr.model import ModelUnavailableError, load_pretrained, read_images
+        """Read every unlabelled line with the model (and its language model, if it was
+        tuned with one), for the text box and the order."""
+        from hwr.decoding import read_images
+        from hwr.lm import load_lm
+        from hwr.model import ModelUnavailableError, load_pretrained
 
         try:
             model, processor = load_pretrained(model_name)
@@ -63,7 +66,8 @@ class LabelStore:
         model.eval()
         todo = [i for i in range(len(self.rows)) if i not in self.done and self.image_path(i)]
         images = [open_rgb(self.image_path(i)) for i in todo]
-        texts, confidences = read_images(model, processor, images, batch_size)
+        lm = load_lm(model_name)
+        texts, confidences = read_images(model, processor, images, batch_size, lm=lm)
         self.predictions = dict(zip(todo, zip(texts, confidences, strict=True), strict=True))
 
     def order(self) -> list[int]:

@@ -193,15 +193,13 @@ def language_model(
     lm = CharLM.estimate(texts, cfg.lm.order)
     model = module.merged_model().eval().to(device)
     lines = datamodule.eval_lines
-    images = [open_rgb(line.image) for line in lines]
     m = cfg.model
 
     def read(with_lm: CharLM | None, rows: list[int]) -> list[str]:
-        picked = [images[i] for i in rows]
         return read_images(
             model,
             module.processor,
-            picked,
+            [open_rgb(lines[i].image) for i in rows],
             cfg.data.eval_batch_size,
             m.num_beams,
             m.max_new_tokens,

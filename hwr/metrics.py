@@ -29,13 +29,15 @@ class TextMetrics(nn.Module):
     scores 0 however long it is.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sync: bool = True) -> None:
+        """sync=False: this process's lines only, even under DDP (what one process reads
+        alone, as train.py's reading with the language model, must not wait for the rest)."""
         super().__init__()
-        self.cer = CharErrorRate()
-        self.wer = WordErrorRate()
-        self.accuracy = MeanMetric()
-        self.char_similarity = MeanMetric()
-        self.n_lines = SumMetric()
+        self.cer = CharErrorRate(sync_on_compute=sync)
+        self.wer = WordErrorRate(sync_on_compute=sync)
+        self.accuracy = MeanMetric(sync_on_compute=sync)
+        self.char_similarity = MeanMetric(sync_on_compute=sync)
+        self.n_lines = SumMetric(sync_on_compute=sync)
 
     def update(self, preds: Sequence[str], refs: Sequence[str]) -> torch.Tensor:
         """Add a batch; returns the per-line CER, for reports."""

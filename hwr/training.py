@@ -132,9 +132,10 @@ def train(cfg: DictConfig) -> float:
         return tuned["metrics"]["cer"]
     lm, lm_settings = None, None
     if cfg.model.lm_weight != 0:
-        lm, lm_settings, results[f"tuned + {LM_NAME}"] = language_model(
+        lm, lm_settings, with_lm = language_model(
             cfg, module, datamodule, trainer.strategy.root_device
         )
+        results[f"tuned + {LM_NAME}"] = with_lm or tuned  # weight 0: it reads as without
     trained_on = {
         "csv": str(Path(cfg.data.csv).resolve()),
         "train_images": [str(line.image) for line in datamodule.splits["train"]],
@@ -183,11 +184,11 @@ def train(cfg: DictConfig) -> float:
 
 def language_model(
     cfg: DictConfig, module: TrOCRModule, datamodule: LineDataModule, device: torch.device
-) -> tuple[CharLM, dict, dict]:
+) -> tuple[CharLM, dict, dict | None]:
     """The language model of the training split's text (and lm.texts), never of the lines
     it is scored on; its settings, with the weight chosen on lm.tune_lines of the
     validation lines (unless model.lm_weight names one) and those lines' names; the tuned
-    model's reading of every validation line with it.
+    model's reading of every validation line with it (None if the weight chosen is 0).
     """
     texts = [line.text for line in datamodule.splits["train"]] + read_texts(cfg.lm.texts)
     lm = CharLM.estimate(texts, cfg.lm.order)
@@ -235,12 +236,13 @@ def language_model(
         "grid": grid,
         "tuned_on": [lines[i].file_name for i in rows],
     }
-    metrics = TextMetrics()
+    if not lm.weight:
+        return lm, settings, None
+    metrics = TextMetrics(sync=False)  # rank 0 alone, under DDP
     every = list(range(len(lines)))
-    texts = read(lm if lm.weight else None, every)
+    texts = read(lm, every)
     per_line = metrics.update(texts, [line.text for line in lines]).tolist()
     predictions = dict(zip(every, zip(texts, per_line, strict=True), strict=True))
-    module.lm = lm if lm.weight else None
     return lm, settings, {"metrics": metrics.compute(), "predictions": predictions}
 
 

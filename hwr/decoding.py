@@ -203,11 +203,7 @@ class LMScorer(LogitsProcessor):
         symbol = self.symbol[cand]
         lp = dist.gather(1, symbol.clamp(min=0)).where(symbol >= 0, 0.0)
         for row, col in (symbol < 0).nonzero().tolist():  # tokens of several characters
-            context, total = contexts[row], 0.0
-            for char in self.text[cand[row, col]]:
-                total += self.lm.logprob_next(char, context)
-                context += char
-            lp[row, col] = total
+            lp[row, col] = self.lm.logprob_after(self.text[cand[row, col]], contexts[row])
         gain = self.lm.weight * lp + self.lm.bonus * self.length[cand]
         out = torch.full_like(scores, NEG)
         out.scatter_(1, cand, scores.gather(1, cand) + gain.to(scores.dtype))

@@ -153,10 +153,13 @@ class CharLM:
             self._dists[context] = got
         return got
 
+    def logprob_after(self, chars: str, context: str) -> float:
+        """log P(chars, one after another | context), all in this model's characters."""
+        return sum(self.logprob_next(c, context + chars[:i]) for i, c in enumerate(chars))
+
     def logprob(self, text: str) -> float:
         """log P(the whole line), its end included."""
-        s = BOS + self.encode(clean(text)) + EOS
-        return sum(self.logprob_next(s[i], s[:i]) for i in range(1, len(s)))
+        return self.logprob_after(self.encode(clean(text)) + EOS, BOS)
 
     def save(self, folder: Path) -> None:
         """lm.arpa (log10, tokens by name: <space>, <s>, </s>, <unk>) and lm.json (how to

@@ -34,10 +34,11 @@ ratio is the median of the turns' ratios.
           train.py does (trainer.precision=32-true, bf16-mixed and auto, the default) and
           reading 96 of those lines as predict.py does (precision=fp32, bf16 and auto):
           auto should never be slower than float32.
-  pretrain  hwr.embedded.pretrain's training step (batch 16, bf16 autocast, CE + CTC) on
-          the embedded model, the encoder's attention (a) by SDPA, transformers' default,
-          (b) plain, pre-training's choice on CPU. The lines come processed, not
-          augmented (the data task times that).
+  pretrain  pre-training the embedded model at batch 16 (CE + CTC, label smoothing): its
+          step (a) as a plain PyTorch loop, the old hwr.embedded.pretrain's, (b) as
+          train.py experiment=pretrain steps (Lightning; the lines come processed, held in
+          memory); (c) a whole experiment=pretrain run, its stream rendering and augmenting
+          lines in its worker.
   data    decode + augment + process, as training's DataLoader does (2 workers).
   synth   hwr.embedded.synth rendering training lines, one process.
 The last line is `ratios: train X infer Y`: (c)/(a) of TrOCR-base at batch 2.
@@ -215,7 +216,7 @@ def write_lines(root: Path, n: int | None, unseen: bool = False) -> Path:
     """n real lines (all: None; Copiste, when ../shared/data is there) or the shipped
     sample, as a CSV; unseen: only lines of the writers the embedded model's pre-training
     kept out (its test writers)."""
-    from hwr.embedded.pretrain import is_boilerplate, writer_split
+    from hwr.embedded.stream import is_boilerplate, writer_split
 
     source = SHARED if SHARED.is_file() else REPO / "line_data" / "lines.csv"
     with source.open(encoding="utf-8") as f:
@@ -236,7 +237,7 @@ def write_lines(root: Path, n: int | None, unseen: bool = False) -> Path:
 def write_lm(root: Path) -> Path:
     """A language model (weight 0.3) of the text of the writers the unseen ones are not
     (Copiste's training writers; the first half of the shipped sample without ../shared)."""
-    from hwr.embedded.pretrain import writer_split
+    from hwr.embedded.stream import writer_split
     from hwr.lm import CharLM
 
     source = SHARED if SHARED.is_file() else REPO / "line_data" / "lines.csv"
@@ -485,27 +486,84 @@ def score_validation(turns: Turns, model_dir: Path, csv_path: Path) -> float:
             return float(module.metrics.compute()["cer"])
 
 
-def pretrain_steps(turns: Turns, model_dir: Path, csv_path: Path, attention: str) -> None:
-    """Pre-training's step (hwr.embedded.pretrain.train_step) on batches of 16 lines."""
+def pretrain_config(model_dir: Path, corpus: Path, overrides: tuple = ()):
+    """train.py experiment=pretrain's configs on one corpus (a folder with lines.csv)."""
+    return compose(
+        "train",
+        [
+            "experiment=pretrain",
+            f"model.name_or_path={model_dir}",
+            "corpus@data.corpora=[]",
+            f"+data.corpora.bench.path={corpus}",
+            "data.batch_size=16",
+            *overrides,
+        ],
+    )
+
+
+def pretrain_steps(turns: Turns, model_dir: Path, corpus: Path, way: str) -> None:
+    """Pre-training's step on batches of 16 processed lines (held in memory): "plain", a
+    hand-written loop as hwr.embedded.pretrain stepped (CE + CTC, AdamW, clipping, plain
+    attention, float32 here), or "lightning", train.py experiment=pretrain's."""
+    import lightning as L
     import torch
+    import torch.nn.functional as F
+    from hydra.utils import instantiate
     from torch.utils.data import DataLoader
 
     from hwr.data import LineDataset, collate, read_lines
-    from hwr.embedded.ctc import ctc_reader
-    from hwr.embedded.pretrain import train_step
-    from hwr.model import load_pretrained
+    from hwr.embedded.ctc import ctc_loss, ctc_reader
 
-    model, processor = load_pretrained(str(model_dir))
-    model.train().encoder.set_attn_implementation(attention)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    lines = LineDataset(read_lines(csv_path)[:64], processor)
+    cfg = pretrain_config(model_dir, corpus)
+    module = instantiate(cfg.model, optimizer=cfg.optim)
+    lines = LineDataset(read_lines(corpus / "lines.csv")[:64], module.processor)
     batches = list(DataLoader(lines, batch_size=16, collate_fn=collate))
+    if way == "lightning":
+
+        class Clock(L.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if not turns.tick(16):
+                    trainer.should_stop = True
+
+        trainer = quiet_trainer(cfg, callbacks=[Clock()], limit_val_batches=0, max_steps=10**6)
+        trainer.fit(module, train_dataloaders=DataLoader(batches * 10**4, batch_size=None))
+        return
+    model, tok = module.model.train(), module.processor.tokenizer
+    model.encoder.set_attn_implementation("eager")
+    opt = instantiate(cfg.optim)(params=[p for p in model.parameters() if p.requires_grad])
     head = ctc_reader(model)
     while True:
         for batch in batches:
-            train_step(model, head, batch, opt, 0.5, processor.tokenizer)
-            if not turns.tick(len(batch["labels"])):
+            out = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+            ce = F.cross_entropy(
+                out.logits.flatten(0, 1), batch["labels"].flatten(), label_smoothing=0.1
+            )
+            loss = ce + 0.5 * ctc_loss(head, out.encoder_last_hidden_state, batch["labels"], tok)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if not turns.tick(16):
                 return
+
+
+def pretrain_run(turns: Turns, model_dir: Path, corpus: Path) -> None:
+    """A whole train.py experiment=pretrain run: its stream renders and augments lines in
+    its worker while the model steps."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    cfg = pretrain_config(model_dir, corpus)
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if not turns.tick(16):
+                trainer.should_stop = True
+
+    module = instantiate(cfg.model, optimizer=cfg.optim)
+    datamodule = instantiate(cfg.data, processor=module.processor)
+    trainer = quiet_trainer(cfg, callbacks=[Clock()], limit_val_batches=0, max_steps=10**6)
+    trainer.fit(module, datamodule=datamodule)
 
 
 # ---- data and synthesis ----
@@ -699,12 +757,19 @@ def main() -> None:
                 {p: (read_predict, (embedded, unseen, 96, p, False, 128)) for p in PRECISIONS},
             )
         if "pretrain" in only:
+            corpus = unseen.parent / "corpus"
+            corpus.mkdir(exist_ok=True)
+            (corpus / "lines.csv").write_bytes(unseen.read_bytes())
             run(
                 "embedded",
                 "pretrain b=16",
                 {
-                    "(a) SDPA attention": (pretrain_steps, (embedded, unseen, "sdpa")),
-                    "(b) plain attention": (pretrain_steps, (embedded, unseen, "eager")),
+                    "(a) plain loop, step": (pretrain_steps, (embedded, corpus, "plain")),
+                    "(b) experiment=pretrain, step": (
+                        pretrain_steps,
+                        (embedded, corpus, "lightning"),
+                    ),
+                    "(c) experiment=pretrain, whole run": (pretrain_run, (embedded, corpus)),
                 },
                 at_least=5,
                 per_turn=4,

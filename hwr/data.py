@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -17,10 +18,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from hwr.errors import UserError, require_count
@@ -329,6 +332,73 @@ def collate(batch: list[dict]) -> dict:
     }
 
 
+def eval_dataset(lines: Sequence[Line], processor, max_target_length: int) -> LineDataset:
+    """Lines to score, served in reading order (similar widths together) where sizes are
+    known; an item's index is still its place in `lines`."""
+    order = reading_order([line.size for line in lines]) if all(x.size for x in lines) else None
+    return LineDataset(lines, processor, None, max_target_length, order)
+
+
+def line_loader(
+    dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False, min_lines: int = 0
+) -> DataLoader:
+    """Batches of lines. Training (`shuffle`) draws at least `min_lines` a pass; scoring
+    reads each line once, also under DDP."""
+    sampler = None
+    if shuffle and len(dataset) < min_lines:
+        # Shuffled passes over the set, back to back, until the epoch is long enough.
+        sampler = RandomSampler(dataset, num_samples=min_lines)
+        shuffle = False
+    elif not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Lightning's default sampler pads shards with repeated lines; each line once here,
+        # so scores over all processes are scores over the set.
+        sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=collate,
+    )
+
+
+class CoarseElastic(v2.ElasticTransform):
+    """torchvision's elastic warp, its displacement field drawn on a grid `sigma` px apart
+    and upsampled instead of blurred at full size: the same smooth wobble (its size and
+    reach match), ten times cheaper. The full-size blur took most of the time spent
+    preparing a real line, more than the model's step on it."""
+
+    def make_params(self, flat_inputs: list) -> dict[str, torch.Tensor]:
+        height, width = TF.get_size(flat_inputs[0])
+        step = self.sigma[0]
+        grid = (max(5, math.ceil(height / step)), max(5, math.ceil(width / step)))
+        noise = TF.gaussian_blur(torch.rand(1, 2, *grid) * 2 - 1, [9, 9], [1.0, 1.0]) / step
+        field = F.interpolate(noise, size=(height, width), mode="bilinear")
+        scale = torch.tensor([self.alpha[0] / width, self.alpha[1] / height]).view(1, 2, 1, 1)
+        return {"displacement": (field * scale).permute(0, 2, 3, 1)}
+
+
+class InkWidth(v2.Transform):
+    """Ink thicker or thinner, with probability p: a 3x3 minimum (dark ink spreads) or
+    maximum (it thins) filter over the image."""
+
+    def __init__(self, p: float = 0.3) -> None:
+        super().__init__()
+        self.p = p
+
+    def make_params(self, flat_inputs: list) -> dict:
+        if torch.rand(()) >= self.p:
+            return {"filter": None}
+        spread = torch.rand(()) < 0.5
+        return {"filter": ImageFilter.MinFilter(3) if spread else ImageFilter.MaxFilter(3)}
+
+    def transform(self, inpt: Image.Image, params: dict) -> Image.Image:
+        return inpt if params["filter"] is None else inpt.filter(params["filter"])
+
+
 class LineDataModule(L.LightningDataModule):
     """The line CSV, checked and split, with augmentations on training images only.
 
@@ -428,39 +498,19 @@ class LineDataModule(L.LightningDataModule):
         assert self.splits is not None, "call setup() first"
         return self.splits[self.hparams.eval_split]
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        workers = self.hparams.num_workers
-        sampler = None
-        if shuffle and len(dataset) < self.hparams.min_epoch_lines:
-            # Shuffled passes over the set, back to back, until the epoch is long enough.
-            sampler = RandomSampler(dataset, num_samples=self.hparams.min_epoch_lines)
-            shuffle = False
-        elif (
-            not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized()
-        ):
-            # Lightning's default sampler pads shards with repeated lines; each line once here,
-            # so scores over all processes are scores over the set.
-            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=collate,
-        )
+    @property
+    def source(self) -> str:
+        """Where the lines come from, as a trained model's trained_on.json records it."""
+        return str(Path(self.hparams.csv).resolve())
 
     def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
         dataset = LineDataset(
-            self.splits["train"], self.processor, self.augment, self.hparams.max_target_length
+            self.splits["train"], self.processor, self.augment, hp.max_target_length
         )
-        return self._loader(dataset, self.hparams.batch_size, shuffle=True)
+        return line_loader(dataset, hp.batch_size, hp.num_workers, True, hp.min_epoch_lines)
 
     def val_dataloader(self) -> DataLoader:
-        lines = self.eval_lines
-        order = reading_order([line.size for line in lines]) if all(x.size for x in lines) else None
-        dataset = LineDataset(lines, self.processor, None, self.hparams.max_target_length, order)
-        size = self.hparams.eval_batch_size or self.hparams.batch_size
-        return self._loader(dataset, size, shuffle=False)
+        hp = self.hparams
+        dataset = eval_dataset(self.eval_lines, self.processor, hp.max_target_length)
+        return line_loader(dataset, hp.eval_batch_size or hp.batch_size, hp.num_workers)

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from hwr.data import Line
 from hwr.machine import trainer_precision
 from hwr.metrics import TextMetrics
-from hwr.model import TRAINED_ON, ModelUnavailableError, TrOCRModule
+from hwr.model import TRAINED_ON, ModelUnavailableError
+from hwr.module import TrOCRModule
 from hwr.report import write_json, write_report
 from hwr.training import ShareCores
 

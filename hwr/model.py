@@ -1,4 +1,4 @@
-"""The TrOCR VisionEncoderDecoder: loading it, wiring its tokens, training and reading with it."""
+"""The TrOCR VisionEncoderDecoder: loading it (or a fresh layout), wiring its tokens, saving it."""
 
 from __future__ import annotations
 
@@ -7,38 +7,39 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from unittest import mock
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 import huggingface_hub
-import lightning as L
-import numpy as np
-import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from peft import PeftConfig, PeftModel, get_peft_model
+import torch.nn.functional as F
+from torch import nn
 from transformers import (
     TrOCRProcessor,
     VisionEncoderDecoderModel,
-    get_linear_schedule_with_warmup,
 )
-from transformers.modeling_outputs import BaseModelOutput
 
-from hwr.decoding import check_reading, read_batch
-from hwr.embedded import embedded_path
-from hwr.embedded.ctc import ctc_loss, ctc_reader, load_strip_head
+from hwr.embedded import LAYOUTS, build_embedded, embedded_path
+from hwr.embedded.ctc import add_strip_head, ctc_reader, load_strip_head
 from hwr.embedded.tiny import build_tiny
 from hwr.errors import UserError
-from hwr.images import open_rgb
-from hwr.lm import CharLM, load_lm
-from hwr.metrics import TextMetrics
+from hwr.lm import CharLM
 from hwr.report import umask, write_json
 
 log = logging.getLogger(__name__)
 
-# The CTC head's share of the loss when tuning a model that has one (as in pre-training).
-CTC_LOSS = 0.5
+
+class SavedReader(VisionEncoderDecoderModel):
+    """VisionEncoderDecoderModel as hwr loads it, without a load report for what it knows.
+
+    TrOCR's checkpoints were converted without the ViT pooler, which never feeds the
+    decoder: it loads random (and frozen, in TrOCRModule). A ViT model's CTC head
+    (hwr.embedded.ctc) is no part of the class: `load_pretrained` puts it back. A plain
+    transformers install loads what it saves with VisionEncoderDecoderModel, as ever.
+    """
+
+    _keys_to_ignore_on_load_missing: ClassVar = [r"^encoder\.pooler\."]
+    _keys_to_ignore_on_load_unexpected: ClassVar = [r"^ctc_head\."]
 
 
 class ModelUnavailableError(UserError, OSError):
@@ -99,22 +100,7 @@ def load_pretrained(
     cache_only = not local.exists() and not hub_reachable()
     try:
         processor = TrOCRProcessor.from_pretrained(name_or_path, local_files_only=cache_only)
-        # TrOCR's checkpoints were converted without the ViT pooler, which never feeds the
-        # decoder: it loads random (and frozen, in TrOCRModule) without a load report.
-        # A ViT model's CTC head (hwr.embedded.ctc) is no part of the class: put back below.
-        with (
-            mock.patch.object(
-                VisionEncoderDecoderModel,
-                "_keys_to_ignore_on_load_missing",
-                [r"^encoder\.pooler\."],
-            ),
-            mock.patch.object(
-                VisionEncoderDecoderModel, "_keys_to_ignore_on_load_unexpected", [r"^ctc_head\."]
-            ),
-        ):
-            model = VisionEncoderDecoderModel.from_pretrained(
-                name_or_path, local_files_only=cache_only
-            )
+        model = SavedReader.from_pretrained(name_or_path, local_files_only=cache_only)
     except (OSError, ValueError) as e:
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if local.exists():
@@ -137,6 +123,52 @@ def load_pretrained(
     if local.exists():
         load_strip_head(model, local)
     wire_token_ids(model, processor, max_new_tokens)
+    return model, processor
+
+
+def warm_start(model: nn.Module, donor: nn.Module) -> list[str]:
+    """Copy the donor's weights into the model wherever names and shapes match, and a ViT
+    strip kernel resized to the new strip (its sum kept, so ink embeds alike): a new layout
+    then starts reading where the donor stands. Returns the names left fresh."""
+    own = model.state_dict()
+    taken = {}
+    for name, weight in donor.state_dict().items():
+        if name not in own:
+            continue
+        shape = own[name].shape
+        if weight.shape == shape:
+            taken[name] = weight
+        elif name.endswith("patch_embeddings.projection.weight") and weight.shape[:2] == shape[:2]:
+            area = weight.shape[2] * weight.shape[3] / (shape[2] * shape[3])
+            resized = F.interpolate(weight, size=shape[2:], mode="bilinear", antialias=True)
+            taken[name] = resized * area
+    model.load_state_dict(taken, strict=False)
+    return sorted(own.keys() - taken.keys())
+
+
+def build_layout(
+    layout: str, warm_from: str | None, max_new_tokens: int, seed: int = 0
+) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
+    """A fresh model of one of the embedded layouts (hwr.embedded.LAYOUTS), with a CTC head
+    where its encoder can carry one, warm-started from `warm_from`'s weights where they fit
+    (None: from scratch). The decoder must come whole: a donor with another decoder or
+    tokenizer would leave it fresh, which is no warm start."""
+    if layout not in LAYOUTS:
+        raise UserError(f"model.layout={layout}: choose one of {', '.join(LAYOUTS)} (or null)")
+    model, processor = build_embedded(seed, layout)
+    if ctc_reader(model) is None and model.config.encoder.model_type == "vit":
+        add_strip_head(model)
+    wire_token_ids(model, processor, max_new_tokens)
+    if warm_from is not None:
+        fresh = warm_start(model, load_pretrained(warm_from, max_new_tokens)[0])
+        if any(name.startswith("decoder.") for name in fresh):
+            raise UserError(
+                f"model.layout={layout} from model.name_or_path={warm_from}: its decoder or "
+                f"tokenizer differs from the embedded model's, so {', '.join(fresh)} would "
+                "start fresh. Warm-start from an embedded model (model.name_or_path=embedded), "
+                "or from scratch (model.name_or_path=null)."
+            )
+        log.info("model.layout=%s from %s: fresh %s", layout, warm_from, ", ".join(fresh) or "-")
     return model, processor
 
 
@@ -210,252 +242,3 @@ def export(
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
-
-
-class TrOCRModule(L.LightningModule):
-    """Fine-tunes a VisionEncoderDecoder; validation reads every line with `generate`.
-
-    Reading uses the language model saved with the model (`lm`), if any. After each
-    validation epoch, `predictions` maps a line's index in the evaluated
-    lines to (predicted text, line CER); `base_result` carries the base model's score
-    through checkpoints so a resumed run still reports it.
-    """
-
-    def __init__(
-        self,
-        name_or_path: str,
-        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-        warmup_ratio: float = 0.1,
-        num_beams: int = 1,
-        ctc_weight: float | None = None,
-        lm_weight: float | None = None,
-        max_new_tokens: int = 128,
-        log_examples: int = 4,
-        compile_encoder: bool = False,
-        freeze: Sequence[str] = (),
-        adapter: PeftConfig | None = None,
-        gradient_checkpointing: bool = False,
-        step_in_backward: bool = False,
-    ) -> None:
-        super().__init__()
-        check_reading(num_beams, max_new_tokens, ctc_weight, lm_weight)
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise UserError(f"model.warmup_ratio={warmup_ratio}: must be in [0, 1)")
-        lr = getattr(optimizer, "keywords", {}).get("lr")
-        if lr is not None and not lr > 0:
-            raise UserError(f"optim.lr={lr}: must be above 0 (e.g. 1e-5)")
-        if adapter is not None and not isinstance(adapter, PeftConfig):
-            raise UserError(f"model.adapter={adapter}: choose adapters with model/adapter=lora")
-        # Checkpoints are loaded with weights_only: hyperparameters must be plain types, not
-        # Hydra's ListConfig.
-        freeze = list(freeze)
-        self.save_hyperparameters(ignore=["optimizer", "adapter"])
-        self.model, self.processor = load_pretrained(name_or_path, max_new_tokens)
-        # The language model saved with the model, if any, at its weight (train.py builds one).
-        self.lm = load_lm(name_or_path, lm_weight)
-        if self.lm is not None and lm_weight is None and self.lm.beams != num_beams:
-            log.info(
-                "The language model's weight %g was chosen for model.num_beams=%d; reading "
-                "with %d (model.lm_weight=W sets another)",
-                self.lm.weight,
-                self.lm.beams,
-                num_beams,
-            )
-        if adapter is not None:
-            # Only the adapters train; they are merged into the weights for export.
-            self.model = get_peft_model(self.model, adapter)
-        for name in freeze:  # after the adapters, so a frozen part's adapters stay too
-            try:
-                part = self.plain_model.get_submodule(name)
-            except AttributeError:
-                raise UserError(
-                    f"model.freeze: the model has no part '{name}' (e.g. encoder, decoder)"
-                ) from None
-            part.requires_grad_(False)
-        # from_pretrained returns eval mode, which Lightning keeps: dropout would stay off.
-        self.model.train()
-        # The encoder's pooler never feeds the decoder; left trainable, DDP would stop on
-        # parameters without gradients.
-        if getattr(self.model.encoder, "pooler", None) is not None:
-            self.model.encoder.pooler.requires_grad_(False)
-        if gradient_checkpointing:
-            # Keeps each layer's input and recomputes the rest during backward (a third more
-            # compute); the random state is replayed, so training is the same.
-            self.plain_model.activation_checkpointing_enable()
-        # Stepping in backward, Lightning must not step (or clip, or accumulate) itself.
-        self.automatic_optimization = not step_in_backward
-        self._step_hooks: list = []
-        if compile_encoder:
-            # In place, so state_dict keys (checkpoints, export) stay as they are. The
-            # encoder sees one image size; the decoder's growing cache would recompile.
-            self.model.encoder.compile()
-        self.optimizer = optimizer
-        self.metrics = TextMetrics()
-        self.predictions: dict[int, tuple[str, float]] = {}
-        self.validated_at: int | None = None  # the step of the last validation in this process
-        self.base_result: dict | None = None
-
-    @property
-    def plain_model(self) -> VisionEncoderDecoderModel:
-        """The VisionEncoderDecoder inside, adapters (if any) in place but not merged."""
-        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
-
-    def merged_model(self) -> VisionEncoderDecoderModel:
-        """The model to export: a plain VisionEncoderDecoder, adapters merged into the weights.
-
-        Merging is for the end of a run: the module trains no adapters after it.
-        """
-        if isinstance(self.model, PeftModel):
-            self.model = self.model.merge_and_unload()
-        return self.model
-
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The decoder's loss, plus CTC_LOSS x its CTC head's if it has one (so the head
-        keeps up with the encoder as it tunes, for joint decoding)."""
-        # No key/value cache: one pass over the whole line needs none, and it would hold
-        # every layer's keys and values until the step ends.
-        out = self.model(pixel_values=pixel_values, labels=labels, use_cache=False)
-        head = ctc_reader(self.plain_model)
-        if head is None:
-            return out.loss
-        tok = self.processor.tokenizer
-        return out.loss + CTC_LOSS * ctc_loss(head, out.encoder_last_hidden_state, labels, tok)
-
-    def read(
-        self, pixel_values: torch.Tensor | None, encoder_outputs: BaseModelOutput | None = None
-    ) -> list[str]:
-        """Greedy (or beam) decoding of a batch of processed line images."""
-        texts, _ = read_batch(
-            self.model,
-            self.processor,
-            pixel_values,
-            self.hparams.num_beams,
-            self.hparams.max_new_tokens,
-            confidence=False,
-            encoder_outputs=encoder_outputs,
-            ctc_weight=self.hparams.ctc_weight,
-            lm=self.lm,
-        )
-        return texts
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self(batch["pixel_values"], batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["text"]))
-        if not self.automatic_optimization:
-            self.manual_backward(loss)  # every parameter steps as its gradient completes
-            self.optimizers().step()  # no gradient is left to apply: counts the step
-            self.lr_schedulers().step()
-        return loss
-
-    def check_trainer(self, trainer: L.Trainer) -> None:
-        """Settings that cannot go with stepping in backward, named as hwr's configs name them
-        (Lightning would stop at fit with its own names); under DDP, Lightning's own steps.
-        Call it before fit: Lightning checks the settings before any module hook runs."""
-        if self.automatic_optimization:
-            return
-        if trainer.world_size > 1:
-            # DDP averages each gradient over the processes after backward: a step inside
-            # backward would use this process's gradient alone.
-            log.warning(
-                "model.step_in_backward is off for this run: under DDP (%d processes) "
-                "gradients are averaged only after backward.",
-                trainer.world_size,
-            )
-            self.automatic_optimization = True
-            return
-        clashes = {
-            "trainer.gradient_clip_val": trainer.gradient_clip_val,
-            "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches != 1
-            and trainer.accumulate_grad_batches,
-        }
-        for name, value in clashes.items():
-            if value:
-                raise UserError(
-                    f"{name}={value} needs every gradient at once, but model.step_in_backward "
-                    f"frees each one as soon as it is used (to save memory): set "
-                    f"model.step_in_backward=false, or leave out {name}."
-                )
-        if str(trainer.precision) == "16-mixed":
-            raise UserError(
-                "trainer.precision=16-mixed scales the loss, which model.step_in_backward "
-                "cannot undo: use bf16-mixed, or model.step_in_backward=false."
-            )
-
-    def on_validation_epoch_start(self) -> None:
-        self.metrics.reset()
-        self.predictions = {}
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        size = len(batch["text"])
-        # The encoder reads the images once, for the loss and for decoding.
-        encoded = self.plain_model.encoder(pixel_values=batch["pixel_values"])
-        loss = self.model(encoder_outputs=encoded, labels=batch["labels"], use_cache=False).loss
-        self.log("val/loss", loss, batch_size=size, sync_dist=True)
-        preds = self.read(None, encoded)
-        per_line = self.metrics.update(preds, batch["text"])
-        for i, pred, cer in zip(batch["index"].tolist(), preds, per_line.tolist(), strict=True):
-            self.predictions[i] = (pred, cer)
-
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.world_size > 1:  # each process read a shard; every one gets them all
-            shards = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(shards, self.predictions)
-            self.predictions = {i: p for shard in shards for i, p in shard.items()}
-        self.validated_at = self.global_step
-        scores = self.metrics.compute()  # torchmetrics sum over processes
-        for name, value in scores.items():
-            self.log(f"val/{name}", float(value), prog_bar=name == "cer")
-        self._log_examples()
-
-    def _log_examples(self) -> None:
-        """Show a few lines with what the model reads now, as text and images."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if (
-            not isinstance(self.logger, TensorBoardLogger)
-            or dm is None
-            or self.trainer.sanity_checking
-        ):
-            return
-        writer, step = self.logger.experiment, self.global_step
-        rows = ["| line | reference | read |", "|---|---|---|"]
-        for i, line in enumerate(dm.eval_lines[: self.hparams.log_examples]):
-            pred = self.predictions.get(i, ("", 0.0))[0]
-            rows.append(f"| {line.file_name} | {line.text} | {pred} |")
-            if step == 0:
-                pixels = np.asarray(open_rgb(line.image).convert("L"))
-                writer.add_image(f"examples/{i}", pixels, step, dataformats="HW")
-        writer.add_text("examples", "\n".join(rows), step)
-
-    def configure_optimizers(self) -> dict:
-        if self.optimizer is None:
-            raise ValueError("TrOCRModule needs an optimizer to train (the optim config group).")
-        if not self.automatic_optimization and self.trainer.world_size > 1:
-            self.check_trainer(self.trainer)  # under DDP, Lightning steps (train.py did this)
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer(params=params)
-        for hook in self._step_hooks:
-            hook.remove()
-        if not self.automatic_optimization:
-            # Each parameter steps as soon as its gradient is complete, and the gradient is
-            # freed: a model's worth of gradients is never held at once (for TrOCR-base,
-            # 1.3 GB). At that moment it is the only parameter with a gradient, so the one
-            # optimizer steps it alone, and its state and schedule stay as they would be.
-            def step(param: torch.nn.Parameter) -> None:
-                optimizer.step()
-                param.grad = None
-
-            self._step_hooks = [p.register_post_accumulate_grad_hook(step) for p in params]
-        total = self.trainer.estimated_stepping_batches
-        scheduler = get_linear_schedule_with_warmup(
-            optimizer, int(self.hparams.warmup_ratio * total), total
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["hwr_base_result"] = self.base_result
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.base_result = checkpoint.get("hwr_base_result")

@@ -68,6 +68,8 @@ def bad_settings(config_name: str, overrides: Sequence[str], conf: Path = CONF) 
                 continue
             offered = loader.get_group_options(o.key_or_group)
             options = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+            # A list selects several options of the group at once (corpus@data.corpora=[a,b]).
+            options = [x for v in options for x in (v if isinstance(v, list) else [v])]
             unknown = [
                 str(x) for x in options if str(x) not in offered and o.type != OverrideType.DEL
             ]

@@ -20,7 +20,8 @@ from hwr.images import open_rgb
 from hwr.lm import LM_NAME, CharLM, choose_weight, read_texts
 from hwr.machine import rebalance, trainer_precision
 from hwr.metrics import TextMetrics
-from hwr.model import TrOCRModule, export
+from hwr.model import export
+from hwr.module import TrOCRModule
 from hwr.report import write_json, write_report
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def train(cfg: DictConfig) -> float:
         )
         results[f"tuned + {LM_NAME}"] = with_lm or tuned  # weight 0: it reads as without
     trained_on = {
-        "csv": str(Path(cfg.data.csv).resolve()),
+        "csv": datamodule.source,
         "train_images": [str(line.image) for line in datamodule.splits["train"]],
     }
     export(module.merged_model(), module.processor, run_dir / "model", trained_on, lm)
@@ -146,7 +147,7 @@ def train(cfg: DictConfig) -> float:
         "model": str(cfg.model.name_or_path),
         "optim": OmegaConf.to_container(cfg.optim),
         "data": {
-            k: cfg.data[k]
+            k: cfg.data.get(k)
             for k in (
                 "csv",
                 "batch_size",
@@ -178,7 +179,7 @@ def train(cfg: DictConfig) -> float:
             {"model": settings["model"], "lr": cfg.optim.lr, "batch_size": cfg.data.batch_size},
             {f"hp/{name}_{k}": v for name, m in metrics.items() for k, v in m.items()},
         )
-    log.info("Validation scores (%s)\n%s\nWritten to %s", cfg.data.csv, table, run_dir)
+    log.info("Validation scores (%s)\n%s\nWritten to %s", datamodule.source, table, run_dir)
     return metrics[f"tuned + {LM_NAME}" if lm else "tuned"]["cer"]
 
 

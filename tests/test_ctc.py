@@ -13,7 +13,8 @@ from transformers import VisionEncoderDecoderModel
 from hwr.data import read_lines
 from hwr.decoding import CTCPrefixScorer, read_batch, read_images
 from hwr.embedded.ctc import add_strip_head
-from hwr.model import TrOCRModule, export, load_pretrained
+from hwr.model import export, load_pretrained
+from hwr.module import TrOCRModule
 
 from .conftest import SAMPLE_CSV
 

@@ -12,7 +12,8 @@ from transformers import VisionEncoderDecoderModel
 from transformers.utils import logging as hf_logging
 
 from hwr.embedded.synth import SAMPLE_TEXT
-from hwr.model import TrOCRModule, load_pretrained
+from hwr.model import load_pretrained
+from hwr.module import TrOCRModule
 
 
 @pytest.fixture(params=["saved", "hub"])

@@ -14,7 +14,8 @@ from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 from hwr.data import LineDataModule
 from hwr.embedded.synth import SAMPLE_TEXT, write_sample
 from hwr.errors import UserError
-from hwr.model import ModelUnavailableError, TrOCRModule, export, load_pretrained
+from hwr.model import ModelUnavailableError, export, load_pretrained
+from hwr.module import TrOCRModule
 
 from .conftest import SAMPLE_CSV
 

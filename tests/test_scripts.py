@@ -192,7 +192,7 @@ def test_multirun_writes_a_summary_that_shows_failed_jobs(tmp_path: Path):
 @pytest.mark.parametrize("model", ["trocr_base", "trocr_small", "trocr_large", "embedded", "tiny"])
 def test_every_model_option_composes(compose_cfg, model: str):
     cfg = compose_cfg("train", [f"model={model}"])
-    assert cfg.model._target_ == "hwr.model.TrOCRModule"
+    assert cfg.model._target_ == "hwr.module.TrOCRModule"
     assert cfg.model.max_new_tokens >= 128
 
 

@@ -20,7 +20,8 @@ from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
 from hwr.data import LineDataModule
 from hwr.errors import UserError
-from hwr.model import TrOCRModule, export
+from hwr.model import export
+from hwr.module import TrOCRModule
 
 from .conftest import REPO, SAMPLE_CSV
 

@@ -7,8 +7,9 @@ it into 128 full-height ViT strips; `strips64` (shipped, with a CTC head over it
 hwr.embedded.ctc) keeps the aspect at 64 px high;
 `conv64` adds a convolutional stem and a CTC head (`hwr.embedded.encoder`); `swin64` is
 stock transformers only (DonutSwin). The model card compares them at equal CPU minutes.
-`hwr.embedded.pretrain` trains them on lines rendered by `hwr.embedded.synth` and real
-ones; `hwr.embedded.tiny` builds TrOCR-layout models from configs (the tiny one, and
+`python train.py experiment=pretrain` trains them on lines rendered by
+`hwr.embedded.synth` and real ones (`hwr.embedded.stream`); `hwr.embedded.tiny` builds
+TrOCR-layout models from configs (the tiny one, and
 TrOCR's own shape for tests).
 """
 
@@ -119,6 +120,7 @@ def embedded_path() -> Path:
     if not (WEIGHTS / "config.json").is_file():
         raise FileNotFoundError(
             f"The embedded model's weights are missing from {WEIGHTS}. Reinstall hwr from its "
-            "repository, or rebuild them with `python -m hwr.embedded.pretrain` (see its README)."
+            "repository, or rebuild them with `python train.py experiment=pretrain` (see its "
+            "README)."
         )
     return WEIGHTS

@@ -133,7 +133,7 @@ def test_a_missing_corpus_is_named_with_how_to_get_it(tmp_path: Path):
     out = run(
         "train.py",
         *QUICK,
-        "corpus@data.corpora=[copiste,poilus]",
+        "corpus@data.corpora=[poilus]",
         f"paths.corpora={tmp_path}",
         f"hydra.run.dir={tmp_path / 'run'}",
         expect_rc=1,

@@ -358,12 +358,26 @@ def quiet_trainer(cfg, **kwargs):
     )
 
 
+def fit_for(turns: Turns, lines: int, cfg, module, **fit) -> None:
+    """train.py's fit (checked as train.py checks it), stopped when the turns are done;
+    each step ticks `lines` lines."""
+    import lightning as L
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if not turns.tick(lines):
+                trainer.should_stop = True
+
+    trainer = quiet_trainer(cfg, callbacks=[Clock()], limit_val_batches=0, max_steps=10**6)
+    module.check_trainer(trainer)
+    trainer.fit(module, **fit)
+
+
 def train_hwr(
     turns: Turns, model_dir: Path, csv_path: Path, batch: int, overrides: tuple = ()
 ) -> None:
     """train.py's path: the real configs, composed and instantiated as train.py does; then
     a validation batch with the optimizer's state still held (what a real run's peak has)."""
-    import lightning as L
     from hydra.utils import instantiate
 
     cfg = compose(
@@ -380,16 +394,9 @@ def train_hwr(
         ],
     )
 
-    class Clock(L.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if not turns.tick(batch):
-                trainer.should_stop = True
-
     module = instantiate(cfg.model, optimizer=cfg.optim)
     datamodule = instantiate(cfg.data, processor=module.processor)
-    trainer = quiet_trainer(cfg, callbacks=[Clock()], limit_val_batches=0, max_steps=10**6)
-    module.check_trainer(trainer)
-    trainer.fit(module, datamodule=datamodule)
+    fit_for(turns, batch, cfg, module, datamodule=datamodule)
     module.model.generation_config.min_new_tokens = NEW_TOKENS
     quiet_trainer(cfg, limit_val_batches=1).validate(module, datamodule=datamodule, verbose=False)
 
@@ -505,7 +512,6 @@ def pretrain_steps(turns: Turns, model_dir: Path, corpus: Path, way: str) -> Non
     """Pre-training's step on batches of 16 processed lines (held in memory): "plain", a
     hand-written loop as hwr.embedded.pretrain stepped (CE + CTC, AdamW, clipping, plain
     attention, float32 here), or "lightning", train.py experiment=pretrain's."""
-    import lightning as L
     import torch
     import torch.nn.functional as F
     from hydra.utils import instantiate
@@ -519,14 +525,9 @@ def pretrain_steps(turns: Turns, model_dir: Path, corpus: Path, way: str) -> Non
     lines = LineDataset(read_lines(corpus / "lines.csv")[:64], module.processor)
     batches = list(DataLoader(lines, batch_size=16, collate_fn=collate))
     if way == "lightning":
-
-        class Clock(L.Callback):
-            def on_train_batch_end(self, trainer, *args):
-                if not turns.tick(16):
-                    trainer.should_stop = True
-
-        trainer = quiet_trainer(cfg, callbacks=[Clock()], limit_val_batches=0, max_steps=10**6)
-        trainer.fit(module, train_dataloaders=DataLoader(batches * 10**4, batch_size=None))
+        fit_for(
+            turns, 16, cfg, module, train_dataloaders=DataLoader(batches * 10**4, batch_size=None)
+        )
         return
     model, tok = module.model.train(), module.processor.tokenizer
     model.encoder.set_attn_implementation("eager")
@@ -550,20 +551,12 @@ def pretrain_steps(turns: Turns, model_dir: Path, corpus: Path, way: str) -> Non
 def pretrain_run(turns: Turns, model_dir: Path, corpus: Path) -> None:
     """A whole train.py experiment=pretrain run: its stream renders and augments lines in
     its worker while the model steps."""
-    import lightning as L
     from hydra.utils import instantiate
 
     cfg = pretrain_config(model_dir, corpus)
-
-    class Clock(L.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if not turns.tick(16):
-                trainer.should_stop = True
-
     module = instantiate(cfg.model, optimizer=cfg.optim)
     datamodule = instantiate(cfg.data, processor=module.processor)
-    trainer = quiet_trainer(cfg, callbacks=[Clock()], limit_val_batches=0, max_steps=10**6)
-    trainer.fit(module, datamodule=datamodule)
+    fit_for(turns, 16, cfg, module, datamodule=datamodule)
 
 
 # ---- data and synthesis ----

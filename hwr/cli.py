@@ -1,6 +1,7 @@
 """One command line for the tools: `python -m hwr <verb>` (or `hwr <verb>`).
 
 hwr import-xml PAGES_DIR --out OUT_DIR      ALTO / PAGE XML + page images -> line CSV
+hwr import-unipen UNIPEN_DIR --out OUT_DIR  UNIPEN pen trajectories -> line images + CSV
 hwr segment PAGE_IMAGE... --out OUT_DIR     pages -> line images + CSV to fill in
 hwr label LINES_CSV [--model M] [--port N]  a local page to type or correct lines
 hwr predict model=embedded inputs=P         read images (Hydra overrides, as predict.py)
@@ -28,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, required=True, help="folder for lines.csv and images/")
     p.add_argument("--max-height", type=int, help="scale taller lines down to this many pixels")
+
+    p = verbs.add_parser("import-unipen", help="UNIPEN pen trajectories -> line CSV")
+    p.add_argument("root", type=Path, help="a clone of train_r01_v07 (data/, include/)")
+    p.add_argument("--out", type=Path, required=True, help="folder for lines.csv and images/")
+    p.add_argument("--seed", type=int, default=0, help="the drawn lines' pens and papers")
 
     p = verbs.add_parser("segment", help="page images -> line images + CSV with empty text")
     p.add_argument("images", type=Path, nargs="+", help="page images")
@@ -76,6 +82,10 @@ def run(args: argparse.Namespace) -> None:
             folders = ", ".join(map(str, args.pages))
             raise SystemExit(f"hwr import-xml: no .xml files under {folders}")
         import_pages(xmls, args.out, max_height=args.max_height)
+    elif args.verb == "import-unipen":
+        from hwr.embedded.unipen import import_unipen
+
+        import_unipen(args.root, args.out, seed=args.seed)
     elif args.verb == "segment":
         from hwr.pages.segment import segment_pages
 

@@ -12,6 +12,7 @@ from typing import ClassVar
 from urllib.parse import urlsplit
 
 import huggingface_hub
+import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
@@ -126,11 +127,15 @@ def load_pretrained(
     return model, processor
 
 
-def warm_start(model: nn.Module, donor: nn.Module) -> list[str]:
+def warm_start(model: nn.Module, donor: nn.Module, new_tokens: int = 0) -> list[str]:
     """Copy the donor's weights into the model wherever names and shapes match, and a ViT
     strip kernel resized to the new strip (its sum kept, so ink embeds alike): a new layout
-    then starts reading where the donor stands. Returns the names left fresh."""
+    then starts reading where the donor stands. With new_tokens, the model's vocabulary is
+    the donor's plus that many tokens at its end: the donor's rows of every vocabulary-sized
+    tensor (embeddings, output and CTC heads) are taken, the new rows left fresh. Returns the
+    names left fresh (wholly)."""
     own = model.state_dict()
+    vocab = model.config.decoder.vocab_size
     taken = {}
     for name, weight in donor.state_dict().items():
         if name not in own:
@@ -142,6 +147,8 @@ def warm_start(model: nn.Module, donor: nn.Module) -> list[str]:
             area = weight.shape[2] * weight.shape[3] / (shape[2] * shape[3])
             resized = F.interpolate(weight, size=shape[2:], mode="bilinear", antialias=True)
             taken[name] = resized * area
+        elif len(weight) + new_tokens == shape[0] == vocab and weight.shape[1:] == shape[1:]:
+            taken[name] = torch.cat([weight, own[name][len(weight) :]])
     model.load_state_dict(taken, strict=False)
     return sorted(own.keys() - taken.keys())
 
@@ -152,7 +159,8 @@ def build_layout(
     """A fresh model of one of the embedded layouts (hwr.embedded.LAYOUTS), with a CTC head
     where its encoder can carry one, warm-started from `warm_from`'s weights where they fit
     (None: from scratch). The decoder must come whole: a donor with another decoder or
-    tokenizer would leave it fresh, which is no warm start."""
+    tokenizer would leave it fresh, which is no warm start; a donor whose alphabet the
+    embedded one's extends (characters added since) gives all but the new characters' rows."""
     if layout not in LAYOUTS:
         raise UserError(f"model.layout={layout}: choose one of {', '.join(LAYOUTS)} (or null)")
     model, processor = build_embedded(seed, layout)
@@ -160,7 +168,10 @@ def build_layout(
         add_strip_head(model)
     wire_token_ids(model, processor, max_new_tokens)
     if warm_from is not None:
-        fresh = warm_start(model, load_pretrained(warm_from, max_new_tokens)[0])
+        donor, donor_processor = load_pretrained(warm_from, max_new_tokens)
+        ids, donor_ids = processor.tokenizer.get_vocab(), donor_processor.tokenizer.get_vocab()
+        grown = all(ids.get(token) == i for token, i in donor_ids.items())
+        fresh = warm_start(model, donor, len(ids) - len(donor_ids) if grown else 0)
         if any(name.startswith("decoder.") for name in fresh):
             raise UserError(
                 f"model.layout={layout} from model.name_or_path={warm_from}: its decoder or "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -61,6 +62,9 @@ def test_text_lines_look_like_notes():
     assert all(1 <= len(t) <= 80 for t in lines)
     joined = "".join(lines)
     assert any(c.isdigit() for c in joined) and any(c in "éèàç" for c in joined)
+    notes = TextSource(seed=0)
+    english = "".join(notes.line() for _ in range(600))
+    assert {"½", "£", "§", "‘", "×"} <= set(english)  # English notes' signs too
     assert len(set(lines)) > 150  # half are cut from the one given sentence
 
 
@@ -165,3 +169,37 @@ def test_synth_cli_writes_the_same_lines_with_any_number_of_workers(tmp_path: Pa
     one, two = (read_lines(tmp_path / f"w{w}" / "lines.csv") for w in (1, 2))
     assert [x.text for x in one] == [x.text for x in two] and len(one) == 150
     assert (one[120].image.read_bytes()) == (two[120].image.read_bytes())
+
+
+def test_get_fonts_keeps_the_latin_regular_face_and_its_licence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """--get-fonts unpacks what `npm pack @fontsource/NAME` gives: the Latin subset's
+    regular face, its LICENSE and package.json; not the other subsets; a family npm does
+    not have is skipped, named."""
+    from hwr.embedded.synth import charset, font_files, get_fonts
+
+    package = tmp_path / "package"
+    (package / "files").mkdir(parents=True)
+    face = fontpkg.path("caveat").read_bytes()
+    for name in ("fam-latin-400-normal.woff", "fam-latin-ext-400-normal.woff"):
+        (package / "files" / name).write_bytes(face)
+    (package / "LICENSE").write_text("SIL Open Font License")
+    (package / "package.json").write_text('{"name": "@fontsource/fam", "license": "OFL-1.1"}')
+    subprocess.run(["tar", "czf", "fam-5.0.0.tgz", "package"], cwd=tmp_path, check=True)
+    npm = tmp_path / "bin" / "npm"
+    npm.parent.mkdir()
+    npm.write_text(
+        '#!/bin/sh\n[ "$3" = "@fontsource/fam" ] || { echo "404 $3" >&2; exit 1; }\n'
+        f"cp {tmp_path}/fam-5.0.0.tgz . && echo fam-5.0.0.tgz\n"
+    )
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{npm.parent}:{os.environ['PATH']}")
+    assert get_fonts(tmp_path / "fonts", ["fam", "nope"]) == ["fam"]
+    assert sorted(p.name for p in (tmp_path / "fonts" / "fam").iterdir()) == [
+        "LICENSE",
+        "fam-latin-400-normal.woff",
+        "package.json",
+    ]
+    (font,) = font_files(tmp_path / "fonts")
+    assert set(ALPHABET) <= charset(font)

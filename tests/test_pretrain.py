@@ -5,19 +5,22 @@ from __future__ import annotations
 import csv
 import multiprocessing
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
+import fontpkg
 import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
 from hwr.data import CoarseElastic
-from hwr.embedded import build_embedded
+from hwr.embedded import build_embedded, synth
 from hwr.embedded.stream import (
     PretrainDataModule,
     corpus_lines,
@@ -25,6 +28,7 @@ from hwr.embedded.stream import (
     to_alphabet,
     writer_split,
 )
+from hwr.embedded.synth import TRAIN_FONTS
 from hwr.embedded.tiny import ALPHABET
 from hwr.errors import UserError
 from hwr.model import build_layout, load_pretrained
@@ -144,14 +148,27 @@ def test_a_missing_corpus_is_named_with_how_to_get_it(tmp_path: Path):
 
 def test_a_new_layout_starts_from_the_shipped_model():
     """model.layout=strips40 from embedded: every shipped weight carries over, the CTC head
-    too, the strip kernel resized from 64x8 to 40x5 with its sums kept."""
-    model, _ = build_layout("strips40", "embedded", max_new_tokens=24)
-    shipped = load_pretrained("embedded")[0]
+    too, the strip kernel resized from 64x8 to 40x5 with its sums kept; the characters added
+    to the alphabet since get rows of their own after the shipped ones."""
+    model, processor = build_layout("strips40", "embedded", max_new_tokens=24)
+    shipped, shipped_processor = load_pretrained("embedded")
     kernel = "encoder.embeddings.patch_embeddings.projection.weight"
     weights, donor = model.state_dict(), shipped.state_dict()
+    grown = []
     for name, weight in donor.items():
         if name != kernel and "pooler" not in name:
-            torch.testing.assert_close(weights[name], weight, msg=name)
+            torch.testing.assert_close(weights[name][: len(weight)], weight, msg=name)
+            grown += [name] if len(weights[name]) > len(weight) else []
+    new = len(processor.tokenizer) - len(shipped_processor.tokenizer)
+    assert processor.tokenizer.convert_ids_to_tokens(
+        list(range(len(processor.tokenizer) - new, len(processor.tokenizer)))
+    ) == list("‘½¼¾×§")
+    assert sorted(grown) == [
+        "ctc_head.bias",
+        "ctc_head.weight",
+        "decoder.model.decoder.embed_tokens.weight",
+        "decoder.output_projection.weight",
+    ]
     assert weights[kernel].shape[2:] == (40, 5) and donor[kernel].shape[2:] == (64, 8)
     sums = torch.stack([w[kernel].sum(dim=(2, 3)).flatten() for w in (weights, donor)])
     assert torch.corrcoef(sums)[0, 1] > 0.99  # each strip filter responds to ink as before,
@@ -162,10 +179,10 @@ def test_the_line_encoder_layout_brings_its_own_ctc_head():
     model, _ = build_layout("conv64", "embedded", max_new_tokens=24)
     fresh, _ = build_embedded(layout="conv64")
     assert getattr(model, "ctc_head", None) is None  # none beside its own
-    assert model.encoder.ctc_head.weight.shape == (144, 256)
+    assert model.encoder.ctc_head.weight.shape == (len(ALPHABET) + 4, 256)  # and specials
+    shipped = load_pretrained("embedded")[0].decoder.output_projection.weight
     torch.testing.assert_close(  # the decoder came from the shipped model, not fresh
-        model.decoder.output_projection.weight,
-        load_pretrained("embedded")[0].decoder.output_projection.weight,
+        model.decoder.output_projection.weight[: len(shipped)], shipped
     )
     assert not torch.equal(
         model.decoder.output_projection.weight, fresh.decoder.output_projection.weight
@@ -228,6 +245,36 @@ def test_rendered_lines_grow_with_progress(lines_dir: Path):
     assert max(map(len, stream_texts(dm, 40))) > 30
 
 
+def test_rendered_lines_use_the_fonts_folder_where_a_font_has_every_character(
+    lines_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """data.fonts adds font files to the installed ones; a text goes to a font that draws all
+    of it (a Latin-only font never gets 'œ'), and an empty folder says how to fill it."""
+    folder = tmp_path / "fonts" / "family"
+    folder.mkdir(parents=True)
+    latin = folder / "latin-400-normal.ttf"
+    latin.write_bytes(fontpkg.path("caveat").read_bytes())
+    monkeypatch.setattr(
+        synth,
+        "charset",
+        lambda font: set(ALPHABET) - {"œ"} if font == str(latin) else set(ALPHABET),
+    )
+    dm = PretrainDataModule(
+        {"s": {"path": lines_dir}}, build_embedded()[1], fonts=str(tmp_path / "fonts")
+    )
+    assert dm.fonts == [*TRAIN_FONTS, str(latin)]
+    rng = random.Random(0)
+    drawn = Counter(synth.font_for("un cœur", dm.fonts, rng) for _ in range(300))
+    assert str(latin) not in drawn and len(drawn) == len(TRAIN_FONTS)
+    drawn = Counter(synth.font_for("a heart", dm.fonts, rng) for _ in range(300))
+    assert 10 < drawn[str(latin)] < 60  # about 1 in 11
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="--get-fonts"):
+        PretrainDataModule(
+            {"s": {"path": lines_dir}}, build_embedded()[1], fonts=tmp_path / "empty"
+        )
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -278,3 +325,15 @@ def test_pretraining_leaves_copiste_boilerplate_out():
     assert len(kept) == 5027 - 619 - 94  # measured: 619 such lines, 94 with letters like ñ or ó
     assert not any("BAnQ" in x.text or "wikitexte" in x.text.lower() for x in kept)
     assert (len(sides["val"]), len(sides["test"])) == (448, 451)  # the model card's writers
+
+
+def test_the_gpu_recipe_draws_english_as_much_as_french_in_every_font(compose_cfg):
+    """experiment=pretrain_gpu: every corpus of the model card, UNIPEN's share equal to the
+    French corpora's together, rendered lines in the fetched fonts too; each corpus says
+    where it comes from, under which licence, and how to get it."""
+    cfg = compose_cfg("train", ["experiment=pretrain_gpu"])
+    corpora = cfg.data.corpora
+    french = sum(c.share for name, c in corpora.items() if name != "unipen")
+    assert corpora.unipen.share == pytest.approx(french) == pytest.approx(1.0)
+    assert all(c.licence and c.source and c["get"] for c in corpora.values())
+    assert "import-unipen" in corpora.unipen["get"] and cfg.data.fonts == cfg.paths.fonts

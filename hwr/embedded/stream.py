@@ -40,7 +40,7 @@ from hwr.data import (
     line_loader,
     read_lines,
 )
-from hwr.embedded.synth import TRAIN_FONTS, TextSource, render_line
+from hwr.embedded.synth import TRAIN_FONTS, TextSource, font_files, font_for, render_line
 from hwr.embedded.tiny import char_tokenizer
 from hwr.errors import UserError, require_count
 
@@ -151,7 +151,7 @@ def corpus_lines(name: str, corpus: Mapping, alphabet: set[str]) -> dict[str, li
 
 
 class LineStream(IterableDataset):
-    """Endless training lines: rendered in TRAIN_FONTS (up to 8 + 72 x progress / short_first
+    """Endless training lines: rendered in `fonts` (up to 8 + 72 x progress / short_first
     characters) or, with a share growing from real_share[0] to real_share[1] with progress,
     real augmented lines (drawn by `weights`, one per line, if given). `progress` is shared
     with the workers, which follow the run's curriculum by it."""
@@ -166,8 +166,10 @@ class LineStream(IterableDataset):
         short_first: float,
         real_share: Sequence[float],
         progress,
+        fonts: Sequence[str] = TRAIN_FONTS,
     ) -> None:
         self.processor, self.real, self.sentences = processor, real, sentences
+        self.fonts = list(fonts)
         self.cum_weights = list(itertools.accumulate(weights)) if weights else None
         self.seed, self.short_first, self.real_share = seed, short_first, real_share
         self.progress = progress
@@ -185,7 +187,7 @@ class LineStream(IterableDataset):
                 continue
             ramp = min(1.0, p / self.short_first) if self.short_first else 1.0
             text = texts.line(max_chars=round(8 + 72 * ramp))
-            image = render_line(text, rng.choice(TRAIN_FONTS), rng).convert("RGB")
+            image = render_line(text, font_for(text, self.fonts, rng), rng).convert("RGB")
             yield encode_line(self.processor, image, text)
 
 
@@ -212,6 +214,7 @@ class PretrainDataModule(L.LightningDataModule):
         max_target_length: int = 128,
         seed: int = 0,
         augment: Mapping[str, Callable | None] | None = None,
+        fonts: str | None = None,
     ) -> None:
         super().__init__()
         if not corpora:
@@ -241,6 +244,15 @@ class PretrainDataModule(L.LightningDataModule):
             for name, c in corpora.items()
         }
         real_share = [float(s) for s in real_share]
+        self.fonts = list(TRAIN_FONTS)
+        if fonts is not None:
+            fonts = str(fonts)
+            if not (extra := font_files(fonts)):
+                raise UserError(
+                    f"data.fonts={fonts}: no font files there. Fetch them with "
+                    f"`python -m hwr.embedded.synth --get-fonts {fonts}`, or set data.fonts=null"
+                )
+            self.fonts += extra
         self.save_hyperparameters(ignore=["processor", "augment"])
         self.corpora = corpora
         self.processor = processor
@@ -320,6 +332,7 @@ class PretrainDataModule(L.LightningDataModule):
             hp.short_first,
             hp.real_share,
             self.progress,
+            self.fonts,
         )
         return DataLoader(
             stream,

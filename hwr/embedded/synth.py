@@ -2,10 +2,12 @@
 
 Two jobs: the shipped `line_data/` sample (one held-out font, so fine-tuning has a new
 "writer" to learn), and an endless stream of varied lines for pre-training the embedded
-model. Fonts are handwriting OFL fonts installed from PyPI (`fontpkg-*`).
+model. Fonts are handwriting OFL fonts installed from PyPI (`fontpkg-*`), and for
+pre-training, as many more as `--get-fonts` fetches from npm's @fontsource (OFL, Apache).
 
     python -m hwr.embedded.synth --out line_data                      # the shipped sample
     python -m hwr.embedded.synth --out synth --lines 5000 --sheet sheet.png
+    python -m hwr.embedded.synth --get-fonts ../fonts    # pre-training's extra fonts
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import itertools
 import multiprocessing
 import os
 import random
+import subprocess
+import tarfile
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from functools import cache
@@ -25,6 +30,7 @@ from pathlib import Path
 import fontpkg
 import numpy as np
 from faker import Faker
+from fontTools.ttLib import TTFont
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm.auto import tqdm
 
@@ -91,9 +97,103 @@ Finish the notes before the end of term.
 """
 
 
+# Handwriting families of npm's @fontsource (Google Fonts' handwriting, OFL or Apache 2.0),
+# fetched by --get-fonts for pre-training. Left out: fontpkg's, the held-out fonts' kin (Caveat
+# Brush) and fonts whose small letters are capitals (Rock Salt, Walter Turncoat, Give You Glory).
+_FONTSOURCE = """
+    homemade-apple cedarville-cursive reenie-beanie gloria-hallelujah la-belle-aurore
+    nothing-you-could-do over-the-rainbow waiting-for-the-sunrise just-another-hand
+    covered-by-your-grace sue-ellen-francisco schoolbell architects-daughter coming-soon
+    patrick-hand handlee gochi-hand loved-by-the-king mrs-saint-delafield meddon
+    dawning-of-a-new-day sacramento allura parisienne alex-brush marck-script mr-dafoe
+    herr-von-muellerhoff petit-formal-script pinyon-script qwigley rouge-script ruthie
+    tangerine italianno kristi calligraffitti crafty-girls neucha short-stack
+    annie-use-your-telescope bad-script cookie damion kaushan-script shadows-into-light-two
+    swanky-and-moo-moo the-girl-next-door vibur whisper birthstone ms-madi mynerve
+    square-peg oooh-baby licorice send-flowers ephesis updock comforter caramel estonia
+    grey-qo hurricane inspiration island-moments love-light lovers-quarrel moon-dance
+    my-soul qwitcher-grypen the-nautigal twinkle-star vujahday-script windsong babylonica
+    bonheur-royale corinthia ballet explora gwendolyn mea-culpa passions-conflict allison
+    sofia style-script sedgwick-ave edu-nsw-act-foundation edu-sa-beginner edu-tas-beginner
+    edu-vic-wa-nt-beginner edu-qld-beginner playwrite-us-trad playwrite-us-modern
+    playwrite-fr-moderne playwrite-fr-trad playwrite-de-grund playwrite-de-sas
+    playwrite-it-moderna playwrite-it-trad playwrite-es playwrite-es-deco playwrite-nz
+    playwrite-au-qld playwrite-au-vic playwrite-be-wal playwrite-br playwrite-ca
+    playwrite-cl playwrite-co playwrite-cu playwrite-cz playwrite-dk-loopet
+    playwrite-dk-uloopet playwrite-ie playwrite-in playwrite-is playwrite-mx
+    playwrite-ng-modern playwrite-nl playwrite-no playwrite-pe playwrite-pl playwrite-pt
+    playwrite-ro playwrite-sk playwrite-tz playwrite-vn playwrite-za playwrite-at
+    playwrite-ar playwrite-hr playwrite-hu playwrite-id nanum-pen-script gaegu
+"""
+FONTSOURCE = tuple(_FONTSOURCE.split())
+FONT_FILES = (".ttf", ".otf", ".woff")
+
+
+def font_path(font: str) -> Path:
+    """A font by fontpkg family name, or a font file's path."""
+    return Path(font) if font.endswith(FONT_FILES) else fontpkg.path(font)
+
+
+def font_files(folder: Path | str) -> list[str]:
+    """The font files under a folder (as --get-fonts fills it), in a fixed order."""
+    return sorted(str(p) for p in Path(folder).expanduser().rglob("*") if p.suffix in FONT_FILES)
+
+
+@cache
+def charset(font: str) -> frozenset[str]:
+    """The characters a font draws: a line is rendered only in a font that has them all
+    (a missing glyph would draw a box under a label that names a letter)."""
+    with TTFont(font_path(font), lazy=True) as f:
+        return frozenset(map(chr, f.getBestCmap())) | {" "}
+
+
+def font_for(text: str, fonts: Sequence[str], rng: random.Random) -> str:
+    """A font, drawn from fonts, that has every character of the text (else a fontpkg one)."""
+    chars = set(text)
+    for _ in range(8):
+        font = rng.choice(fonts)
+        if chars <= charset(font):
+            return font
+    return rng.choice(TRAIN_FONTS)
+
+
+def get_fonts(out_dir: Path, families: Sequence[str] = FONTSOURCE) -> list[str]:
+    """Fetch @fontsource families with npm into out_dir/<family>/: the Latin subset's
+    regular weight, with its LICENSE and package.json (which names the licence)."""
+    out_dir = Path(out_dir)
+    got = []
+    for family in tqdm(families, desc="fonts", unit="family"):
+        folder = out_dir / family
+        if font_files(folder):
+            got.append(family)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            packed = subprocess.run(
+                ["npm", "pack", "--silent", f"@fontsource/{family}"],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+            )
+            if packed.returncode:
+                tqdm.write(f"{family}: npm pack failed: {packed.stderr.strip()[-200:]}")
+                continue
+            with tarfile.open(Path(tmp) / packed.stdout.split()[-1]) as tar:
+                wanted = [
+                    m
+                    for m in tar.getmembers()
+                    if m.name.endswith(("latin-400-normal.woff", "/LICENSE", "/package.json"))
+                    and "-ext-" not in m.name
+                ]
+                folder.mkdir(parents=True, exist_ok=True)
+                for member in wanted:
+                    (folder / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+        got.append(family)
+    return got
+
+
 @cache
 def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(str(fontpkg.path(name)), size=size)
+    return ImageFont.truetype(str(font_path(name)), size=size)
 
 
 @cache
@@ -164,8 +264,14 @@ def _paper(
 def render_line(text: str, font_name: str, rng: random.Random, height: int = 64) -> Image.Image:
     """One text line as a grayscale scan of handwriting: glyph jitter, slant, drift, stroke
     width, ink pressure, paper, rules, blur, noise, JPEG and contrast, all drawn from rng."""
+    return scan(_draw_glyphs(text, font_name, rng), rng, height)
+
+
+def scan(mask: Image.Image, rng: random.Random, height: int = 64) -> Image.Image:
+    """An ink mask (255 = ink) as a grayscale scan at the height: slant, rotation, margins,
+    drift, stroke width, ink pressure, paper, rules, blur, noise, JPEG and contrast. Shared
+    by font-rendered lines and pen trajectories (hwr.embedded.unipen)."""
     nrng = np.random.default_rng(rng.getrandbits(32))
-    mask = _draw_glyphs(text, font_name, rng)
     bbox = mask.getbbox() or (0, 0, 1, 1)
     mask = mask.crop(bbox)
     slant = rng.uniform(-0.35, 0.25)
@@ -243,6 +349,16 @@ class TextSource:
             return f"{f.phone_number()} ({f.first_name()})"
         if r < 0.9:
             return f"{self._when(f).strftime('%H:%M')} {f.sentence(nb_words=5)}"
+        if r < 0.95:  # an English note's signs: fractions, pounds, sections, quotes
+            en, n, k = self.fakers[1], self.rng.randint(1, 99), self.rng.randint(2, 12)
+            return self.rng.choice(
+                [
+                    f"{n}½ lb of {en.word()}, £{n}.{k:02d}",
+                    f"§ {n}: ‘{en.word()}’ & {en.word()}",
+                    f"{n} × {k} @ {k} pm, #{n}",
+                    f"{n}% of the {en.word()} (¼ or ¾?)",
+                ]
+            )
         return f"{f.word().capitalize()} ! {f.sentence(nb_words=4)} ? « {f.word()} »"
 
     def line(self, max_chars: int = 80) -> str:
@@ -343,7 +459,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes")
     parser.add_argument("--sheet", type=Path, help="also save the first 24 lines as one PNG")
+    parser.add_argument(
+        "--get-fonts", type=Path, metavar="DIR", help="fetch FONTSOURCE's fonts with npm into DIR"
+    )
     args = parser.parse_args(argv)
+    if args.get_fonts:
+        got = get_fonts(args.get_fonts)
+        print(f"{len(got)} of {len(FONTSOURCE)} families in {args.get_fonts}")
+        return
     if args.lines:
         # Fixed-size chunks, each with its own seed: the same lines for any --workers.
         fonts = tuple(args.fonts or TRAIN_FONTS)

@@ -46,6 +46,7 @@ ALPHABET = (
     + string.digits
     + string.punctuation
     + " àâäæçéèêëîïôœùûüÿÀÂÄÆÇÉÈÊËÎÏÔŒÙÛÜŸ«»’“”–—…°€£"
+    + "‘½¼¾×§"  # added last: a model of the alphabet before keeps its token ids
 )
 
 

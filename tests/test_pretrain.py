@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import multiprocessing
 import os
 import random
@@ -337,3 +338,20 @@ def test_the_gpu_recipe_draws_english_as_much_as_french_in_every_font(compose_cf
     assert corpora.unipen.share == pytest.approx(french) == pytest.approx(1.0)
     assert all(c.licence and c.source and c["get"] for c in corpora.values())
     assert "import-unipen" in corpora.unipen["get"] and cfg.data.fonts == cfg.paths.fonts
+
+
+def test_evaluate_scores_a_corpus_held_out_writers(tmp_path: Path, corpus):
+    """The model card's measure: evaluate.py data=pretrain data.eval_split=test reads the
+    writers the split keeps out (evaluate.py has no seed of its own: the stream's default)."""
+    out = tmp_path / "eval"
+    run(
+        "evaluate.py",
+        "data=pretrain",
+        "data.eval_split=test",
+        *corpora(corpus),
+        "models.shipped=embedded",
+        "model.max_new_tokens=24",
+        f"hydra.run.dir={out}",
+    )
+    held_out = [i for i in range(40) if writer_split(f"w{i}") == "test"]
+    assert json.loads((out / "metrics.json").read_text())["shipped"]["n_lines"] == len(held_out)

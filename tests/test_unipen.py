@@ -64,7 +64,7 @@ def test_detokenize_writes_text_as_written():
     assert said == "We had, he said, a test (a big one)?"
     assert detokenize("it is n't 7.91 % .") == "it isn't 7.91%."
     assert detokenize(r"guard sha\@l\@l walk") == "guard shall walk"  # a lab's letter marks
-    assert detokenize(r'a \\ b \" c') == 'a \\ b " c'  # escapes undone
+    assert detokenize(r"a \\ b \" c") == 'a \\ b " c'  # escapes undone
 
 
 def test_import_draws_one_line_per_segment_and_leaves_out_two_line_ink(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 
 from hwr.data import read_lines
-from hwr.embedded.unipen import detokenize, import_unipen, read_file
+from hwr.embedded.unipen import Sample, detokenize, import_unipen, join_words, read_file
 from hwr.errors import UserError
 
 
@@ -87,3 +88,17 @@ def test_import_draws_one_line_per_segment_and_leaves_out_two_line_ink(
 def test_import_names_the_repository_when_the_folder_is_not_unipen(tmp_path: Path):
     with pytest.raises(UserError, match="train_r01_v07"):
         import_unipen(tmp_path, tmp_path / "out")
+
+
+def test_joined_words_stand_apart_by_the_line_s_height_not_a_short_word_s():
+    """'so' then 'Hello': the gap follows the line's tallest word, so a short word does not
+    sit against its neighbour (by its own height it would be 3-7 units)."""
+    tall = Sample([np.array([[0.0, 0.0], [300.0, 100.0]])], "Hello", "w")
+    short = Sample([np.array([[0.0, 0.0], [60.0, 10.0]])], "so", "w")
+    for seed in range(20):
+        (line,) = join_words([short, tall, tall], random.Random(seed), max_chars=60)[:1]
+        if line.text.startswith("so Hello"):
+            gap = line.strokes[1][:, 0].min() - line.strokes[0][:, 0].max()
+            assert 30 <= gap <= 70
+            return
+    pytest.fail("no line joined the first two words")

@@ -127,20 +127,21 @@ def one_line(sample: Sample) -> bool:
 
 def join_words(samples: list[Sample], rng: random.Random, max_chars: int = 60) -> list[Sample]:
     """A writer's words in the order written, set side by side into lines of 1-6 words
-    (centred on each word's median height, a word's height apart), as if written so."""
+    (centred on each word's median height, 0.3-0.7 x the tallest word's height apart: a
+    short word's own height would set it too close), as if written so."""
     lines, i = [], 0
     while i < len(samples):
         words = samples[i : i + rng.randint(1, 6)]
         while len(words) > 1 and len(" ".join(w.text for w in words)) > max_chars:
             words = words[:-1]
         i += len(words)
+        bounds = [_bounds(w.strokes) for w in words]
+        height = max(y1 - y0 for _, y0, _, y1 in bounds)
         strokes, x = [], 0.0
-        for w in words:
-            x0, y0, x1, y1 = _bounds(w.strokes)
+        for w, (x0, _, x1, _) in zip(words, bounds, strict=True):
             mid = float(np.median(np.concatenate(w.strokes)[:, 1]))
-            gap = (y1 - y0) * rng.uniform(0.3, 0.7)
             strokes += [s - (x0 - x, mid) for s in w.strokes]
-            x += x1 - x0 + gap
+            x += x1 - x0 + height * rng.uniform(0.3, 0.7)
         lines.append(Sample(strokes, " ".join(w.text for w in words), words[0].writer))
     return lines
 

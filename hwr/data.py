@@ -11,9 +11,10 @@ import io
 import logging
 import math
 import random
+import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +27,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from hwr.embedded.tiny import known_languages, language_id
 from hwr.errors import UserError, require_count
 from hwr.images import line_problem, open_rgb, reading_order
 
@@ -45,6 +47,7 @@ class Line:
     split: str | None = None
     group: str | None = None
     size: tuple[int, int] | None = None  # width, height in pixels
+    language: str | None = None  # what the decoder is told it writes (hwr.embedded.tiny)
 
 
 @dataclass(frozen=True)
@@ -89,10 +92,37 @@ def _check_image(path: Path) -> tuple[str | None, tuple[int, int] | None]:
     return line_problem(image), image.size
 
 
+# Each language's commonest short words, told apart by which a text uses more.
+COMMON_WORDS = {
+    "en": "the and of to in is that it was for with on as at by he she you my his her have be "
+    "this not but from had are will would which",
+    "fr": "le la les de des du et un une est que qui dans pour pas au aux il elle je ne se sur "
+    "avec ce cette son sa ses mon ma nous vous",
+}
+
+
+def guess_language(texts: Iterable[str]) -> str | None:
+    """The language (of COMMON_WORDS) whose common words the texts use most; None if none."""
+    common = {language: set(words.split()) for language, words in COMMON_WORDS.items()}
+    counts = Counter(
+        language
+        for text in texts
+        for word in re.findall(r"\w+", text.lower())
+        for language, known in common.items()
+        if word in known
+    )
+    ranked = counts.most_common(2)
+    if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
+        return None
+    return ranked[0][0]
+
+
 def text_checker(tokenizer, max_tokens: int) -> Callable[[str], str | None]:
     """A row check for text the tokenizer cannot write: characters it lacks (they would be
     trained as <unk>) or more tokens than the model writes (the label would be cut)."""
     lacks: dict[str, bool] = {}
+    # A tokenizer with language tokens writes one before the text: count it.
+    told = next(iter(known_languages(tokenizer)), None)
 
     def check(text: str) -> str | None:
         for ch in set(text) - lacks.keys():
@@ -101,7 +131,7 @@ def text_checker(tokenizer, max_tokens: int) -> Callable[[str], str | None]:
         missing = list(dict.fromkeys(ch for ch in text if lacks[ch]))  # as they come
         if missing:
             return f"{UNWRITABLE} the character(s) {' '.join(missing)} (not in its tokenizer)"
-        n = len(label_ids(tokenizer, text))
+        n = len(label_ids(tokenizer, text, language=told))
         if n > max_tokens:
             return (
                 f"{UNWRITABLE} a line this long: {n} tokens, it writes at most {max_tokens} "
@@ -288,11 +318,18 @@ class LineDataset(Dataset):
         image = open_rgb(line.image)
         if self.transform is not None:
             image = self.transform(image)
-        return encode_line(self.processor, image, line.text, i, self.max_target_length)
+        return encode_line(
+            self.processor, image, line.text, i, self.max_target_length, line.language
+        )
 
 
-def label_ids(tokenizer, text: str, max_length: int | None = None) -> list[int]:
-    """A line's target tokens as TrOCR was pre-trained on them: `t1 .. tn </s>`, no `<s>`.
+def label_ids(
+    tokenizer, text: str, max_length: int | None = None, language: str | None = None
+) -> list[int]:
+    """A line's target tokens as TrOCR was pre-trained on them: `t1 .. tn </s>`, no `<s>`;
+    `<lang> t1 .. tn </s>` with a language, so the decoder learns to write what it is told
+    (reading puts the language token after the start token) and to name the language
+    itself when it is not told.
 
     fairseq's TrOCR (microsoft/unilm, trocr/data.py: collate_tokens with
     move_eos_to_beginning=True) fed the decoder `</s> t1 .. tn` and trained it to write
@@ -301,19 +338,27 @@ def label_ids(tokenizer, text: str, max_length: int | None = None) -> list[int]:
     the model to write `<s>` after `</s>`, and move every character one place on
     (huggingface/transformers#22768). A line cut at max_length still ends with `</s>`.
     """
+    told = language_id(tokenizer, language, "a line's language")
+    head = [] if told is None else [told]
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if max_length is not None:
-        ids = ids[: max_length - 1]
-    return [*ids, tokenizer.eos_token_id]
+        ids = ids[: max_length - 1 - len(head)]
+    return [*head, *ids, tokenizer.eos_token_id]
 
 
 def encode_line(
-    processor, image: Image.Image, text: str, index: int = 0, max_target_length: int = 256
+    processor,
+    image: Image.Image,
+    text: str,
+    index: int = 0,
+    max_target_length: int = 256,
+    language: str | None = None,
 ) -> dict:
     """One line as the model takes it: processor pixels, token ids; index and text kept."""
+    labels = label_ids(processor.tokenizer, text, max_target_length, language)
     return {
         "pixel_values": processor(images=image, return_tensors="pt").pixel_values[0],
-        "labels": torch.tensor(label_ids(processor.tokenizer, text, max_target_length)),
+        "labels": torch.tensor(labels),
         "index": index,
         "text": text,
     }
@@ -409,6 +454,9 @@ class LineDataModule(L.LightningDataModule):
     so a smaller subset is inside every larger one (a learning curve); validation is
     untouched. An epoch draws at least `min_epoch_lines` lines (a small set repeats, with
     new augmentations), so few lines still make enough steps between validations.
+
+    `language`: what a model with language tokens is told the lines are (None: guessed from
+    their words, `guess_language`); the resolved one is kept as `self.language`.
     """
 
     def __init__(
@@ -431,6 +479,7 @@ class LineDataModule(L.LightningDataModule):
         train_lines: int | None = None,
         subset_seed: int = 0,
         min_epoch_lines: int = 0,
+        language: str | None = None,
         augment: Mapping | None = None,
     ) -> None:
         super().__init__()
@@ -451,6 +500,7 @@ class LineDataModule(L.LightningDataModule):
         self.processor = processor
         self.augment = build_augment(augment)
         self.splits: dict[str, list[Line]] | None = None
+        self.language = language
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
@@ -473,6 +523,11 @@ class LineDataModule(L.LightningDataModule):
             check,
             hp.allow_unwritable,
         )
+        if self.processor is not None and known_languages(self.processor.tokenizer):
+            if self.language is None:
+                self.language = guess_language(line.text for line in lines)
+                log.info("The lines' language, by their words: %s (model.language)", self.language)
+            lines = [replace(line, language=self.language) for line in lines]
         self.splits = split_lines(lines, hp.val_fraction, hp.split_seed)
         self.splits["all"] = lines
         if hp.train_lines is not None:

@@ -33,6 +33,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput
 
 from hwr.embedded.ctc import ctc_reader
+from hwr.embedded.tiny import known_languages, language_id
 from hwr.errors import UserError, require_count
 from hwr.images import reading_order
 from hwr.lm import BOS, EOS, CharLM
@@ -61,12 +62,14 @@ class CTCPrefixScorer(LogitsProcessor):
 
     `ctc_logits` (batch, columns, vocab) are the CTC head's scores for the batch being read,
     `blank` its blank id (the tokenizer's pad), `eos` the decoder's end id, `skip` ids that
-    add nothing to the CTC prefix (<s>, which some decoders write first): allowed as the
-    first token only, as the head cannot score them and a free token elsewhere is one an
-    unsure decoder writes again and again in place of the line. Each call extends
+    add nothing to the CTC prefix (<s>, which some decoders write first; a language token,
+    which the decoder writes first when not told one): allowed as the first token only, as
+    the head cannot score them and a free token elsewhere is one an unsure decoder writes
+    again and again in place of the line. Each call extends
     the previous call's prefixes (found by their ids, as beam search reorders its rows) by
     the character each chose, and scores the decoder's `candidates` likeliest characters,
-    the only ones it may then choose (ESPnet's pre-beam).
+    the only ones it may then choose (ESPnet's pre-beam). `prompt` is how many tokens the
+    decoder was given before its first choice (the start token, and the language it is told).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class CTCPrefixScorer(LogitsProcessor):
         skip: set[int],
         weight: float,
         candidates: int = CANDIDATES,
+        prompt: int = 1,
     ) -> None:
         self.x = ctc_logits.float().log_softmax(-1)
         # The blank's log-probs and their running sum over the columns, the same every step.
@@ -84,7 +88,7 @@ class CTCPrefixScorer(LogitsProcessor):
         self.cb = F.pad(self.xb[:, 1:], (1, 0)).cumsum(1)
         self.blank, self.eos, self.skip = blank, eos, sorted(skip - {eos, blank})
         self.skip_ids = torch.tensor(self.skip, dtype=torch.long, device=self.x.device)
-        self.weight, self.k = weight, candidates
+        self.weight, self.k, self.prompt = weight, candidates, prompt
         self.known: dict[tuple, int] = {}
 
     @staticmethod
@@ -130,7 +134,8 @@ class CTCPrefixScorer(LogitsProcessor):
             if beams > 1
             else []
         )
-        if input_ids.shape[1] == 1:  # the first step: every prefix empty
+        first = input_ids.shape[1] == self.prompt
+        if first:  # every prefix empty
             r = torch.full((rows, x.shape[1], 2), NEG, device=x.device)
             r[..., 1] = torch.cumsum(xb, 1)
             psi = torch.zeros(rows, device=x.device)
@@ -164,7 +169,7 @@ class CTCPrefixScorer(LogitsProcessor):
             self.known = {key: row for row, key in enumerate(keys)}
         gain = torch.full_like(logp, NEG)
         gain.scatter_(1, cand, self.cand_psi - psi.unsqueeze(-1))
-        gain[:, self.skip] = 0.0 if input_ids.shape[1] == 1 else NEG
+        gain[:, self.skip] = 0.0 if first else NEG
         gain[:, self.eos] = torch.logaddexp(r[:, -1, 0], r[:, -1, 1]) - psi
         return (1 - self.weight) * logp + self.weight * gain
 
@@ -266,6 +271,8 @@ def read_batch(
     already computed); also each line's confidence, if asked. A model with a CTC head reads
     by joint CTC/attention decoding, the head's share `ctc_weight` (None: JOINT_WEIGHT; 0:
     the decoder alone); with a language model `lm` (`hwr.lm.load_lm`), fused at its weight.
+    A model told its language (`hwr.model.set_language`) is given that language's token
+    after the start token; one with language tokens but not told writes the one it sees.
 
     Confidence is the geometric mean of the chosen tokens' probabilities, end token
     included: 1.0 when the model is sure of every character, lower where it hesitated.
@@ -281,17 +288,34 @@ def read_batch(
     if encoder_outputs is not None:  # generate widens it in place for beams: a fresh one
         encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state)
     tok = processor.tokenizer
+    told = language_id(tok, getattr(model.generation_config, "language", None))
+    prompt = {}
+    if told is not None:
+        states = pixel_values if encoder_outputs is None else encoder_outputs.last_hidden_state
+        start = model.generation_config.decoder_start_token_id
+        ids = torch.tensor([[start, told]], device=states.device).expand(len(states), -1)
+        prompt = {"decoder_input_ids": ids}
     scorers = []
     if head is not None:
         logits = head(encoder_outputs.last_hidden_state)
-        skip = {tok.bos_token_id}
-        scorers.append(CTCPrefixScorer(logits, tok.pad_token_id, tok.eos_token_id, skip, weight))
+        skip = {tok.bos_token_id, *(language_id(tok, x) for x in known_languages(tok))}
+        scorers.append(
+            CTCPrefixScorer(
+                logits,
+                tok.pad_token_id,
+                tok.eos_token_id,
+                skip,
+                weight,
+                prompt=1 if told is None else 2,
+            )
+        )
     if lm is not None and lm.weight:
         size = model.config.decoder.vocab_size
         scorers.append(LMScorer(lm, tok, size, tok.eos_token_id))
     given = {"pixel_values": pixel_values} if encoder_outputs is None else {}
     out = model.generate(
         **given,
+        **prompt,
         encoder_outputs=encoder_outputs,
         num_beams=num_beams,
         **limit,

@@ -22,7 +22,7 @@ from transformers import (
 
 from hwr.embedded import LAYOUTS, build_embedded, embedded_path
 from hwr.embedded.ctc import add_strip_head, ctc_reader, load_strip_head
-from hwr.embedded.tiny import build_tiny
+from hwr.embedded.tiny import build_tiny, language_id
 from hwr.errors import UserError
 from hwr.lm import CharLM
 from hwr.report import umask, write_json
@@ -217,6 +217,16 @@ def wire_token_ids(
     model.generation_config.max_new_tokens = max_new_tokens
     model.config.decoder.use_cache = True
     model.generation_config.use_cache = True
+
+
+def set_language(model: VisionEncoderDecoderModel, tokenizer, language: str | None) -> None:
+    """Tell the model which language it writes (None: it names the one it sees), checked
+    against its tokenizer. Kept in its generation config, which `save_pretrained` saves (as
+    Whisper keeps its own), so a tuned model reads its writer's language wherever it goes."""
+    language_id(tokenizer, language)
+    model.generation_config.language = language
+    # A config marked as copied from the model's loads back without keys of its own.
+    model.generation_config._from_model_config = False
 
 
 TRAINED_ON = "trained_on.json"

@@ -21,7 +21,7 @@ from hwr.errors import UserError
 from hwr.images import open_rgb
 from hwr.lm import load_lm
 from hwr.metrics import TextMetrics
-from hwr.model import build_layout, load_pretrained
+from hwr.model import build_layout, load_pretrained, set_language
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ class TrOCRModule(L.LightningModule):
     `layout` trains a fresh model of one of the embedded layouts, warm-started from
     `name_or_path` (None: from scratch) as pre-training does; `label_smoothing` and a
     `schedule` of transformers' (linear, cosine, ...) are pre-training's settings too.
+    `language` tells a model with language tokens which one it writes (None: the one it
+    was saved with; train.py: the training lines', `hwr.data.LineDataModule`).
 
     Reading uses the language model saved with the model (`lm`), if any. After each
     validation epoch, `predictions` maps a line's index in the evaluated
@@ -50,6 +52,7 @@ class TrOCRModule(L.LightningModule):
         schedule: str = "linear",
         label_smoothing: float = 0.0,
         layout: str | None = None,
+        language: str | None = None,
         num_beams: int = 1,
         ctc_weight: float | None = None,
         lm_weight: float | None = None,
@@ -85,6 +88,8 @@ class TrOCRModule(L.LightningModule):
             raise UserError("model.name_or_path=null: name a model, or a fresh model.layout")
         else:
             self.model, self.processor = load_pretrained(name_or_path, max_new_tokens)
+        if language is not None:
+            set_language(self.model, self.processor.tokenizer, language)
         # The language model saved with the model, if any, at its weight (train.py builds one).
         self.lm = None if layout is not None else load_lm(name_or_path, lm_weight)
         if self.lm is not None and lm_weight is None and self.lm.beams != num_beams:

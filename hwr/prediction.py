@@ -30,7 +30,7 @@ from hwr.errors import UserError, require_count
 from hwr.images import PAGE_MIN_HEIGHT, is_page, open_rgb, too_small
 from hwr.lm import load_lm
 from hwr.machine import default_device, reading_dtype
-from hwr.model import load_pretrained
+from hwr.model import load_pretrained, set_language
 from hwr.pages.segment import Segmenter, crop_lines, page_boxes
 from hwr.pages.xml_import import IMAGE_SUFFIXES
 from hwr.report import write_json, write_skipped, write_text
@@ -108,6 +108,8 @@ def predict(cfg: DictConfig) -> list[Reading]:
     check_settings(cfg)
     paths = find_images(cfg.inputs)
     model, processor = load_pretrained(cfg.model.name_or_path, cfg.model.max_new_tokens)
+    if cfg.model.language is not None:
+        set_language(model, processor.tokenizer, cfg.model.language)
     lm = load_lm(cfg.model.name_or_path, cfg.model.lm_weight)
     if lm is not None:
         log.info("Reading with the language model of the training text (weight %g)", lm.weight)

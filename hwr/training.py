@@ -20,7 +20,7 @@ from hwr.images import open_rgb
 from hwr.lm import LM_NAME, CharLM, choose_weight, read_texts
 from hwr.machine import rebalance, trainer_precision
 from hwr.metrics import TextMetrics
-from hwr.model import export
+from hwr.model import export, set_language
 from hwr.module import TrOCRModule
 from hwr.report import write_json, write_report
 
@@ -100,6 +100,9 @@ def train(cfg: DictConfig) -> float:
     module: TrOCRModule = instantiate(cfg.model, optimizer=cfg.optim)
     datamodule.processor = module.processor
     datamodule.setup()
+    # model.language, or guessed from the lines' words (pre-training's lines carry their own)
+    if (language := getattr(datamodule, "language", None)) is not None:
+        set_language(module.plain_model, module.processor.tokenizer, language)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     logger = instantiate(cfg.logger) if cfg.logger else False
     trainer: L.Trainer = instantiate(

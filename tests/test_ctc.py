@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import VisionEncoderDecoderModel
 
-from hwr.data import read_lines
+from hwr.data import label_ids, read_lines
 from hwr.decoding import CTCPrefixScorer, read_batch, read_images
-from hwr.embedded.ctc import add_strip_head
+from hwr.embedded.ctc import add_strip_head, ctc_loss
+from hwr.embedded.tiny import char_tokenizer
 from hwr.model import export, load_pretrained
 from hwr.module import TrOCRModule
 
@@ -140,3 +141,32 @@ def test_tuning_trains_the_ctc_head_with_the_decoder(tmp_path: Path):
     assert loss > decoder_loss
     loss.backward()
     assert model.ctc_head.weight.grad.abs().sum() > 0
+
+
+def test_the_head_is_trained_on_the_characters_not_the_language_token():
+    """The head reads the picture; the language is no character in it."""
+    tok = char_tokenizer()
+    states = torch.randn(1, 12, 5)
+    head = torch.nn.Linear(5, len(tok))
+    told, plain = (torch.tensor([label_ids(tok, "abba", language=x)]) for x in ("en", None))
+    assert told.shape[1] == plain.shape[1] + 1
+    assert ctc_loss(head, states, told, tok) == ctc_loss(head, states, plain, tok)
+
+
+def test_joint_decoding_starts_after_the_language_the_decoder_is_told():
+    """Told a language, the decoder's prompt is two tokens (start, language): the head's
+    prefixes start empty after them, and the line is still the one the head sees."""
+    truth, lang, columns = [3, 5], 8, []
+    for token in truth:
+        columns += [token, BLANK]
+    logits = torch.full((1, len(columns), 9), -10.0)
+    logits[0, torch.arange(len(columns)), torch.tensor(columns)] = 10.0
+    scorer = CTCPrefixScorer(logits, BLANK, EOS, skip={START, lang}, weight=0.5, prompt=2)
+    decoder = torch.zeros(1, 9)
+    decoder[0, [*truth, EOS]] = 1.0
+    ids = torch.tensor([[EOS, lang]])
+    for _ in range(6):
+        ids = torch.cat([ids, scorer(ids, decoder).argmax(-1, keepdim=True)], 1)
+        if ids[0, -1].item() == EOS:
+            break
+    assert ids[0, 2:].tolist() == [*truth, EOS]

@@ -13,7 +13,16 @@ from hydra.utils import instantiate
 from torchvision.transforms import v2
 from transformers import TrOCRProcessor
 
-from hwr.data import BadRowsError, LineDataModule, collate, read_lines, split_lines
+from hwr.data import (
+    BadRowsError,
+    LineDataModule,
+    collate,
+    guess_language,
+    label_ids,
+    read_lines,
+    split_lines,
+)
+from hwr.embedded.tiny import char_tokenizer
 
 from .conftest import SAMPLE_CSV, SHARED_DATA
 
@@ -236,3 +245,28 @@ def test_validation_reads_lines_of_a_shape_together(trocr_miniature: Path):
     assert aspects == sorted(aspects) and aspects != [w / h for w, h in (x.size for x in lines)]
     first = dm.val_dataloader().dataset[0]
     assert first["text"] == lines[first["index"]].text
+
+
+@pytest.mark.parametrize(
+    ("texts", "language"),
+    [
+        (["Meeting with Anna on Tuesday", "the key is under the blue pot"], "en"),
+        (["Il faut réparer la fenêtre de la cuisine", "Acheter du pain"], "fr"),
+        (["12/05/1914", "Anna, Paul"], None),  # no common word of either
+    ],
+)
+def test_the_lines_language_is_guessed_from_their_words(texts: list[str], language: str | None):
+    assert guess_language(texts) == language
+
+
+def test_labels_name_the_language_first_and_keep_their_end():
+    tok = char_tokenizer()
+    en, fr = tok.convert_tokens_to_ids("<en>"), tok.convert_tokens_to_ids("<fr>")
+    assert label_ids(tok, "ab", language="en") == [
+        en,
+        *tok("ab", add_special_tokens=False).input_ids,
+        2,
+    ]
+    assert label_ids(tok, "abcdef", max_length=4, language="fr")[::3] == [fr, 2]
+    assert len(label_ids(tok, "abcdef", max_length=4, language="fr")) == 4
+    assert label_ids(tok, "ab")[0] != en  # no language: as TrOCR was trained

@@ -57,15 +57,17 @@ def test_every_font_draws_every_character_of_the_alphabet(font: str):
 
 
 def test_text_lines_look_like_notes():
-    texts = TextSource(["Une phrase réelle, écrite à la main le 3 mai 2024."], seed=0)
-    lines = [texts.line() for _ in range(300)]
-    assert all(1 <= len(t) <= 80 for t in lines)
-    joined = "".join(lines)
-    assert any(c.isdigit() for c in joined) and any(c in "éèàç" for c in joined)
-    notes = TextSource(seed=0)
-    english = "".join(notes.line() for _ in range(600))
-    assert {"½", "£", "§", "‘", "×"} <= set(english)  # English notes' signs too
-    assert len(set(lines)) > 150  # half are cut from the one given sentence
+    given = "Une phrase réelle, écrite à la main le 3 mai 2024."
+    texts = TextSource({"fr": [given]}, seed=0)
+    lines = [texts.line() for _ in range(600)]
+    assert all(1 <= len(t) <= 80 for t, _ in lines)
+    by_language = {x: [t for t, lang in lines if lang == x] for x in ("fr", "en")}
+    assert 250 < len(by_language["fr"]) < 350  # half French, half English
+    french, english = "".join(by_language["fr"]), "".join(by_language["en"])
+    assert any(c.isdigit() for c in french) and any(c in "éèàç" for c in french)
+    assert {"½", "£", "§", "‘", "×"} <= set(english)  # English notes' signs
+    assert "«" not in english and "réelle" not in english  # French stays in French lines
+    assert len(set(by_language["fr"])) > 100  # half are cut from the one given sentence
 
 
 def test_embedded_model_reads_the_sample_offline():

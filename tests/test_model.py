@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -11,10 +12,11 @@ import torch
 from PIL import Image
 from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
-from hwr.data import LineDataModule
+from hwr.data import LineDataModule, LineDataset, collate, read_lines
+from hwr.decoding import read_batch
 from hwr.embedded.synth import SAMPLE_TEXT, write_sample
 from hwr.errors import UserError
-from hwr.model import ModelUnavailableError, export, load_pretrained
+from hwr.model import ModelUnavailableError, export, load_pretrained, set_language
 from hwr.module import TrOCRModule
 
 from .conftest import SAMPLE_CSV
@@ -86,12 +88,16 @@ def test_tiny_model_overfits_eight_lines(tmp_path: Path):
     # Read in reading order, each line's text is kept under its own index.
     lines = dm.eval_lines
     assert sum(module.predictions[i][0] == lines[i].text for i in range(8)) >= 6
-    # Trained as TrOCR was: after the start token </s> it writes the first character.
+    # Trained as TrOCR was, after the start token </s>, and not told the language: it names
+    # the language (the lines' English, guessed from their words), then the first character.
+    assert dm.language == "en"
     batch = next(iter(dm.val_dataloader()))
     module.model.eval()
     ids = module.model.generate(batch["pixel_values"][:2], max_new_tokens=4)
-    first = module.processor.tokenizer.batch_decode(ids[:, 1:2])
-    assert ids[:, 0].tolist() == [2, 2] and first == [t[0] for t in batch["text"][:2]]
+    tok = module.processor.tokenizer
+    first = tok.batch_decode(ids[:, 2:3])
+    assert ids[:, :2].tolist() == [[2, tok.convert_tokens_to_ids("<en>")]] * 2
+    assert first == [t[0] for t in batch["text"][:2]]
 
 
 @pytest.mark.parametrize("name", ["trocr", "embedded"])
@@ -242,3 +248,40 @@ def test_settings_that_need_every_gradient_are_named(setting: str, trainer_args:
     module = TrOCRModule("tiny", step_in_backward=True)
     with pytest.raises(UserError, match=rf"{setting} .*model\.step_in_backward=false"):
         module.check_trainer(L.Trainer(logger=False, **trainer_args))
+
+
+def test_the_language_told_reaches_the_decoder_and_is_saved(tmp_path: Path):
+    """The same pictures labelled in two languages: told English, the model writes the
+    English; told French, the French. What it is told is saved with it."""
+    english = ["the black cat", "two red apples"]
+    french = {"the black cat": "le chat noir", "two red apples": "deux pommes rouges"}
+    lines = read_lines(write_sample(tmp_path / "lines", english))
+    both = [replace(x, language="en") for x in lines]
+    both += [replace(x, text=french[x.text], language="fr") for x in lines]
+    torch.manual_seed(0)
+    module = TrOCRModule("tiny", max_new_tokens=32)
+    model, processor = module.model, module.processor
+    batch = collate([LineDataset(both, processor)[i] for i in range(4)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        optimizer.zero_grad()
+        module(batch["pixel_values"], batch["labels"]).backward()
+        optimizer.step()
+    model.eval()
+    pixels = batch["pixel_values"][:2]
+    readings = {}
+    for language in ("en", "fr"):
+        set_language(model, processor.tokenizer, language)
+        readings[language] = read_batch(model, processor, pixels, confidence=False)[0]
+    assert readings == {"en": english, "fr": [french[t] for t in english]}
+    saved, _ = load_pretrained(str(export(model, processor, tmp_path / "model")))
+    assert saved.generation_config.language == "fr"
+    saved.eval()
+    assert read_batch(saved, processor, pixels, confidence=False)[0] == readings["fr"]
+
+
+def test_a_language_the_model_cannot_be_told_is_named():
+    with pytest.raises(UserError, match=r"model.language=de: .* it knows en, fr"):
+        TrOCRModule("tiny", language="de")
+    with pytest.raises(UserError, match=r"model.language=en: .* no language tokens"):
+        TrOCRModule("embedded", language="en")

@@ -30,7 +30,7 @@ from hwr.embedded.stream import (
     writer_split,
 )
 from hwr.embedded.synth import TRAIN_FONTS
-from hwr.embedded.tiny import ALPHABET
+from hwr.embedded.tiny import ALPHABET, LANGUAGES
 from hwr.errors import UserError
 from hwr.model import build_layout, load_pretrained
 from hwr.training import trained_steps
@@ -134,6 +134,24 @@ def test_pretraining_runs_under_ddp_on_two_cpu_processes(tmp_path: Path, corpus)
     assert load_pretrained(str(tmp_path / "model"))[0].ctc_head is not None
 
 
+def test_exclude_leaves_out_a_document_inside_a_folder_group(tmp_path: Path, compose_cfg):
+    """hwr import-xml groups a corpus by folder, and all of Poilus's wills are in one
+    (batch-2): the quickstart's will (AN_0200) is left out by its file names."""
+    sample = list(csv.DictReader(SAMPLE_CSV.open(encoding="utf-8")))[:6]
+    (tmp_path / "poilus").mkdir()
+    with (tmp_path / "poilus" / "lines.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, ["file_name", "text", "folder"])
+        writer.writeheader()
+        for i, row in enumerate(sample):
+            image = tmp_path / "poilus" / f"will_AN_{199 + i % 2:04d}-0_{i:03d}.png"
+            image.write_bytes((SAMPLE_CSV.parent / row["file_name"]).read_bytes())
+            writer.writerow({"file_name": image.name, "text": row["text"], "folder": "batch-2"})
+    poilus = compose_cfg("train", ["experiment=pretrain", "corpus@data.corpora=[poilus]"])
+    corpus = {"path": tmp_path / "poilus", "exclude": poilus.data.corpora.poilus.exclude}
+    kept = [x for v in corpus_lines("poilus", corpus, set(ALPHABET)).values() for x in v]
+    assert sorted(x.file_name for x in kept) == [f"will_AN_0199-0_{i:03d}.png" for i in (0, 2, 4)]
+
+
 def test_a_missing_corpus_is_named_with_how_to_get_it(tmp_path: Path):
     out = run(
         "train.py",
@@ -149,8 +167,8 @@ def test_a_missing_corpus_is_named_with_how_to_get_it(tmp_path: Path):
 
 def test_a_new_layout_starts_from_the_shipped_model():
     """model.layout=strips40 from embedded: every shipped weight carries over, the CTC head
-    too, the strip kernel resized from 64x8 to 40x5 with its sums kept; the characters added
-    to the alphabet since get rows of their own after the shipped ones."""
+    too, the strip kernel resized from 64x8 to 40x5 with its sums kept; the characters and
+    language tokens added since get rows of their own after the shipped ones."""
     model, processor = build_layout("strips40", "embedded", max_new_tokens=24)
     shipped, shipped_processor = load_pretrained("embedded")
     kernel = "encoder.embeddings.patch_embeddings.projection.weight"
@@ -163,7 +181,7 @@ def test_a_new_layout_starts_from_the_shipped_model():
     new = len(processor.tokenizer) - len(shipped_processor.tokenizer)
     assert processor.tokenizer.convert_ids_to_tokens(
         list(range(len(processor.tokenizer) - new, len(processor.tokenizer)))
-    ) == list("‘½¼¾×§")
+    ) == [*"‘½¼¾×§", "<en>", "<fr>"]
     assert sorted(grown) == [
         "ctc_head.bias",
         "ctc_head.weight",
@@ -180,7 +198,8 @@ def test_the_line_encoder_layout_brings_its_own_ctc_head():
     model, _ = build_layout("conv64", "embedded", max_new_tokens=24)
     fresh, _ = build_embedded(layout="conv64")
     assert getattr(model, "ctc_head", None) is None  # none beside its own
-    assert model.encoder.ctc_head.weight.shape == (len(ALPHABET) + 4, 256)  # and specials
+    vocab = len(ALPHABET) + 4 + len(LANGUAGES)  # characters, specials, language tokens
+    assert model.encoder.ctc_head.weight.shape == (vocab, 256)
     shipped = load_pretrained("embedded")[0].decoder.output_projection.weight
     torch.testing.assert_close(  # the decoder came from the shipped model, not fresh
         model.decoder.output_projection.weight[: len(shipped)], shipped
@@ -233,6 +252,23 @@ def test_shares_draw_each_corpus_in_its_share(tmp_path: Path):
     shares["big"]["share"] = None
     with pytest.raises(UserError, match="give every corpus a share, or none"):
         PretrainDataModule(shares, build_embedded()[1]).setup()
+
+
+def test_every_line_tells_the_decoder_its_language(tmp_path: Path):
+    """A corpus's lines are labelled `<its language> ...`; rendered lines are French or English,
+    each labelled with its own, and real text of a language is rendered in that language."""
+    corpus = {"path": write_corpus(tmp_path / "en", range(40)), "language": "en"}
+    dm = PretrainDataModule({"notes": corpus}, build_embedded()[1], real_share=(0.5, 0.5))
+    dm.setup()
+    tok = dm.processor.tokenizer
+    real = {line.text for line in dm.splits["train"]}
+    told = Counter()
+    for _, item in zip(range(300), dm.train_dataloader().dataset, strict=False):
+        language = tok.convert_ids_to_tokens(item["labels"][0].item())
+        told[language, "real" if item["text"] in real else "rendered"] += 1
+        assert not (item["text"] in real and language == "<fr>"), item["text"]
+    assert told["<en>", "real"] > 100
+    assert told["<en>", "rendered"] > 20 and told["<fr>", "rendered"] > 20
 
 
 def test_rendered_lines_grow_with_progress(lines_dir: Path):

@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import VisionEncoderDecoderModel
 
 from hwr.lm import load_lm
+from hwr.model import load_pretrained
 
 from .conftest import REPO
 
@@ -183,6 +184,9 @@ def test_multirun_writes_a_summary_that_shows_failed_jobs(tmp_path: Path):
     ]
     assert float(ok[0]["tuned_cer"]) <= float(ok[1]["tuned_cer"])  # sorted by tuned CER
     assert rows[-1]["status"].startswith("failed") and "val_fraction" in rows[-1]["status"]
+    # The tiny model knows languages: told the CSV's, guessed from its words, and saved with it.
+    models = sorted(tmp_path.glob("*/model"))
+    assert [load_pretrained(str(m))[0].generation_config.language for m in models] == ["en"] * 2
     assert (
         "| tuned_cer" in (tmp_path / "summary.md").read_text()
         or "tuned_cer" in (tmp_path / "summary.md").read_text()
@@ -210,6 +214,15 @@ def test_quickstart_experiment_composes(compose_cfg):
     assert cfg.model.name_or_path == "embedded"
     assert cfg.data.csv == "line_data/poilus/lines.csv" and cfg.data.group_by == "page"
     assert cfg.optim.lr == 3e-5 and cfg.data.val_fraction == 0.5
+
+
+def test_english_quickstart_trains_on_the_pangrams_and_scores_the_prose(compose_cfg):
+    cfg = compose_cfg("train", ["experiment=quickstart_en"])
+    assert cfg.model.name_or_path == "embedded" and cfg.optim.lr == 3e-5
+    dm = instantiate(cfg.data)
+    dm.setup()
+    assert (len(dm.splits["train"]), len(dm.eval_lines)) == (35, 24)
+    assert dm.eval_lines[0].text == "his brain he began to"
 
 
 def test_optuna_search_composes(compose_cfg):

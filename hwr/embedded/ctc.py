@@ -66,9 +66,11 @@ def ctc_loss(
     labels: torch.Tensor,
     tok,
 ) -> torch.Tensor:
-    """CTC over the encoder's columns against each line's characters (blank = pad)."""
+    """CTC over the encoder's columns against each line's characters (blank = pad; the
+    special tokens, a language's among them, are no characters)."""
     logp = head(encoder_states).float().log_softmax(-1).transpose(0, 1)
-    keep = (labels >= 0) & (labels != tok.bos_token_id) & (labels != tok.eos_token_id)
+    special = torch.tensor(tok.all_special_ids, device=labels.device)
+    keep = (labels >= 0) & ~torch.isin(labels, special)
     return F.ctc_loss(
         logp,
         labels[keep],

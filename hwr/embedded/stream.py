@@ -41,7 +41,7 @@ from hwr.data import (
     read_lines,
 )
 from hwr.embedded.synth import TRAIN_FONTS, TextSource, font_files, font_for, render_line
-from hwr.embedded.tiny import char_tokenizer
+from hwr.embedded.tiny import char_tokenizer, known_languages
 from hwr.errors import UserError, require_count
 
 log = logging.getLogger(__name__)
@@ -118,9 +118,13 @@ def group_column(csv_path: Path) -> str:
     return next((c for c in ("writer", "folder", "page") if c in columns), "file_name")
 
 
-def corpus_lines(name: str, corpus: Mapping, alphabet: set[str]) -> dict[str, list[Line]]:
-    """One corpus's lines by side of the writer split: its boilerplate, its `exclude`d
-    groups and text outside the alphabet left out."""
+def corpus_lines(
+    name: str, corpus: Mapping, alphabet: set[str], language: str | None = None
+) -> dict[str, list[Line]]:
+    """One corpus's lines by side of the writer split, each said to be in `language`: its
+    boilerplate, the groups or files its `exclude` matches (a regular expression; one
+    document can be a file name's part where the corpus's group is a whole folder) and text
+    outside the alphabet left out."""
     csv_path = Path(corpus["path"]).expanduser() / "lines.csv"
     if not csv_path.is_file():
         raise UserError(
@@ -132,14 +136,15 @@ def corpus_lines(name: str, corpus: Mapping, alphabet: set[str]) -> dict[str, li
     sides: dict[str, list[Line]] = {side: [] for side in SPLITS}
     dropped = Counter()
     for line in lines:
-        if exclude and re.search(exclude, line.group or ""):
+        if exclude and re.search(exclude, f"{line.group or ''}\n{line.file_name}", re.MULTILINE):
             dropped["excluded"] += 1
         elif is_boilerplate(line.text):
             dropped["boilerplate"] += 1
         elif (text := to_alphabet(line.text, alphabet)) is None:
             dropped["outside the alphabet"] += 1
         else:
-            sides[writer_split(line.group or "")].append(dataclasses.replace(line, text=text))
+            kept = dataclasses.replace(line, text=text, language=language)
+            sides[writer_split(line.group or "")].append(kept)
     left = ", ".join(f"{n} {why}" for why, n in dropped.items())
     log.info(
         "corpus %s: %s%s",
@@ -153,15 +158,17 @@ def corpus_lines(name: str, corpus: Mapping, alphabet: set[str]) -> dict[str, li
 class LineStream(IterableDataset):
     """Endless training lines: rendered in `fonts` (up to 8 + 72 x progress / short_first
     characters) or, with a share growing from real_share[0] to real_share[1] with progress,
-    real augmented lines (drawn by `weights`, one per line, if given). `progress` is shared
-    with the workers, which follow the run's curriculum by it."""
+    real augmented lines (drawn by `weights`, one per line, if given). Rendered text is
+    French or English (`sentences`: real text by language), and a model with language tokens
+    is told which. `progress` is shared with the workers, which follow the run's curriculum
+    by it."""
 
     def __init__(
         self,
         processor,
         real: LineDataset | None,
         weights: Sequence[float] | None,
-        sentences: Sequence[str],
+        sentences: Mapping[str, Sequence[str]],
         seed: int,
         short_first: float,
         real_share: Sequence[float],
@@ -169,6 +176,7 @@ class LineStream(IterableDataset):
         fonts: Sequence[str] = TRAIN_FONTS,
     ) -> None:
         self.processor, self.real, self.sentences = processor, real, sentences
+        self.languages = known_languages(processor.tokenizer)
         self.fonts = list(fonts)
         self.cum_weights = list(itertools.accumulate(weights)) if weights else None
         self.seed, self.short_first, self.real_share = seed, short_first, real_share
@@ -186,9 +194,10 @@ class LineStream(IterableDataset):
                 yield self.real[rng.choices(lines, cum_weights=self.cum_weights)[0]]
                 continue
             ramp = min(1.0, p / self.short_first) if self.short_first else 1.0
-            text = texts.line(max_chars=round(8 + 72 * ramp))
+            text, language = texts.line(max_chars=round(8 + 72 * ramp))
             image = render_line(text, font_for(text, self.fonts, rng), rng).convert("RGB")
-            yield encode_line(self.processor, image, text)
+            told = language if language in self.languages else None
+            yield encode_line(self.processor, image, text, language=told)
 
 
 class PretrainDataModule(L.LightningDataModule):
@@ -266,8 +275,11 @@ class PretrainDataModule(L.LightningDataModule):
         if self.splits is not None:
             return
         tokenizer = self.processor.tokenizer if self.processor is not None else char_tokenizer()
-        alphabet = set(tokenizer.get_vocab())
-        by_corpus = {name: corpus_lines(name, c, alphabet) for name, c in self.corpora.items()}
+        alphabet, known = set(tokenizer.get_vocab()), known_languages(tokenizer)
+        by_corpus = {
+            name: corpus_lines(name, c, alphabet, c.get("language") if known else None)
+            for name, c in self.corpora.items()
+        }
         self.splits = {side: [x for v in by_corpus.values() for x in v[side]] for side in SPLITS}
         shares = [c.get("share") for c in self.corpora.values()]
         if all(s is not None for s in shares):
@@ -320,6 +332,9 @@ class PretrainDataModule(L.LightningDataModule):
             if train
             else None
         )
+        sentences: dict[str, list[str]] = {}
+        for line in train:
+            sentences.setdefault(line.language, []).append(line.text)
         trainer = self.trainer
         # A resumed run (or another process under DDP) draws other lines than the first.
         step, rank = (trainer.global_step, trainer.global_rank) if trainer else (0, 0)
@@ -327,7 +342,7 @@ class PretrainDataModule(L.LightningDataModule):
             self.processor,
             real,
             self.weights,
-            [line.text for line in train],
+            sentences,
             hp.seed + step + 7919 * rank,
             hp.short_first,
             hp.real_share,

@@ -22,7 +22,7 @@ import random
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -317,15 +317,23 @@ def scan(mask: Image.Image, rng: random.Random, height: int = 64) -> Image.Image
     return img
 
 
-class TextSource:
-    """Lines of real-looking notes: given sentences (e.g. transcriptions) plus Faker's
-    French and English sentences, names, addresses, dates, numbers, cut to 1-80 chars."""
+# Faker's locales for rendered text, by language (hwr.embedded.tiny.LANGUAGES).
+LOCALES = {"fr": "fr_FR", "en": "en_US"}
 
-    def __init__(self, sentences: Sequence[str] = (), seed: int = 0) -> None:
-        self.sentences = [s for s in sentences if s.strip()]
+
+class TextSource:
+    """Lines of real-looking notes, each in French or English (half and half) and said which:
+    given sentences of that language (e.g. transcriptions) plus Faker's sentences, names,
+    addresses, dates, numbers, cut to 1-80 chars."""
+
+    def __init__(self, sentences: Mapping[str, Sequence[str]] | None = None, seed: int = 0):
+        self.sentences = {
+            language: [s for s in texts if s.strip()]
+            for language, texts in (sentences or {}).items()
+        }
         self.rng = random.Random(seed)
-        self.fakers = [Faker(loc) for loc in ("fr_FR", "en_US")]
-        for i, f in enumerate(self.fakers):
+        self.fakers = {language: Faker(locale) for language, locale in LOCALES.items()}
+        for i, f in enumerate(self.fakers.values()):
             f.seed_instance(seed * 10 + i)
 
     @staticmethod
@@ -333,8 +341,8 @@ class TextSource:
         # Fixed bounds: Faker's default range ends "now", which would change the lines.
         return f.date_time_between(datetime(1900, 1, 1), datetime(2030, 12, 31))
 
-    def _fake(self) -> str:
-        f, r = self.rng.choice(self.fakers), self.rng.random()
+    def _fake(self, language: str) -> str:
+        f, r = self.fakers[language], self.rng.random()
         if r < 0.45:
             return f.sentence(nb_words=self.rng.randint(3, 14))
         if r < 0.55:
@@ -349,24 +357,29 @@ class TextSource:
             return f"{f.phone_number()} ({f.first_name()})"
         if r < 0.9:
             return f"{self._when(f).strftime('%H:%M')} {f.sentence(nb_words=5)}"
-        if r < 0.95:  # an English note's signs: fractions, pounds, sections, quotes
-            en, n, k = self.fakers[1], self.rng.randint(1, 99), self.rng.randint(2, 12)
+        if r < 0.95 and language == "en":  # English notes' signs: fractions, pounds, quotes
+            n, k = self.rng.randint(1, 99), self.rng.randint(2, 12)
             return self.rng.choice(
                 [
-                    f"{n}½ lb of {en.word()}, £{n}.{k:02d}",
-                    f"§ {n}: ‘{en.word()}’ & {en.word()}",
+                    f"{n}½ lb of {f.word()}, £{n}.{k:02d}",
+                    f"§ {n}: ‘{f.word()}’ & {f.word()}",
                     f"{n} × {k} @ {k} pm, #{n}",
-                    f"{n}% of the {en.word()} (¼ or ¾?)",
+                    f"{n}% of the {f.word()} (¼ or ¾?)",
                 ]
             )
-        return f"{f.word().capitalize()} ! {f.sentence(nb_words=4)} ? « {f.word()} »"
+        if language == "fr":
+            return f"{f.word().capitalize()} ! {f.sentence(nb_words=4)} ? « {f.word()} »"
+        return f"{f.word().capitalize()}! {f.sentence(nb_words=4)}? “{f.word()}”"
 
-    def line(self, max_chars: int = 80) -> str:
-        """One line, at most max_chars long, cut at a word boundary like a wrapped note."""
-        use_real = self.sentences and self.rng.random() < 0.5
-        text = self.rng.choice(self.sentences) if use_real else self._fake()
+    def line(self, max_chars: int = 80) -> tuple[str, str]:
+        """One line, at most max_chars long, cut at a word boundary like a wrapped note;
+        and its language."""
+        language = self.rng.choice(list(self.fakers))
+        real = self.sentences.get(language)
+        use_real = real and self.rng.random() < 0.5
+        text = self.rng.choice(real) if use_real else self._fake(language)
         while len(text) < max_chars and self.rng.random() < 0.5:
-            text += " " + (self.rng.choice(self.sentences) if use_real else self._fake())
+            text += " " + (self.rng.choice(real) if use_real else self._fake(language))
         words = text.split()
         start = self.rng.randrange(len(words)) if self.rng.random() < 0.3 else 0
         length = min(max_chars, self.rng.choice([self.rng.randint(1, 20), 80, 80]))
@@ -375,20 +388,17 @@ class TextSource:
             if out and len(out) + 1 + len(word) > length:
                 break
             out = f"{out} {word}" if out else word
-        return (out or words[start])[:max_chars]
+        return (out or words[start])[:max_chars], language
 
 
 def synthetic_lines(
-    n: int,
-    fonts: Sequence[str] = TRAIN_FONTS,
-    sentences: Sequence[str] = (),
-    seed: int = 0,
+    n: int, fonts: Sequence[str] = TRAIN_FONTS, seed: int = 0
 ) -> Iterator[tuple[Image.Image, str, str]]:
     """n (image, text, font) triples; the same seed gives the same lines."""
-    texts = TextSource(sentences, seed)
+    texts = TextSource(seed=seed)
     rng = random.Random(seed)
     for _ in range(n):
-        text = texts.line()
+        text, _ = texts.line()
         font = rng.choice(fonts)
         yield render_line(text, font, rng), text, font
 

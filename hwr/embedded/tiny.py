@@ -37,6 +37,7 @@ from transformers import (
     ViTImageProcessor,
 )
 
+from hwr.errors import UserError
 from hwr.report import write_json
 
 # RoBERTa's special tokens at RoBERTa's ids, so token wiring is the same as TrOCR's.
@@ -48,6 +49,36 @@ ALPHABET = (
     + " àâäæçéèêëîïôœùûüÿÀÂÄÆÇÉÈÊËÎÏÔŒÙÛÜŸ«»’“”–—…°€£"
     + "‘½¼¾×§"  # added last: a model of the alphabet before keeps its token ids
 )
+# The languages the decoder can be told to write: a token each after the start token, as
+# multilingual speech models do (labels: hwr.data.label_ids), after the alphabet.
+LANGUAGES = ("en", "fr")
+
+
+def language_token(language: str) -> str:
+    """The token that stands for a language in the vocabulary: `<en>`, `<fr>`."""
+    return f"<{language}>"
+
+
+def known_languages(tokenizer) -> list[str]:
+    """The languages a tokenizer has tokens for (none: TrOCR's, or an older embedded model)."""
+    vocab = tokenizer.get_vocab()
+    return [x for x in LANGUAGES if language_token(x) in vocab]
+
+
+def language_id(tokenizer, language: str | None, setting: str = "model.language") -> int | None:
+    """The token that tells the decoder which language to write; None for language None.
+    A language the tokenizer has no token for is the user's error, named by `setting`."""
+    if language is None:
+        return None
+    known = known_languages(tokenizer)
+    if language not in known:
+        has = (
+            f"it knows {', '.join(known)}"
+            if known
+            else "it has no language tokens (a model pre-trained before hwr knew languages)"
+        )
+        raise UserError(f"{setting}={language}: the model cannot be told that language; {has}")
+    return tokenizer.convert_tokens_to_ids(language_token(language))
 
 
 def char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
@@ -55,6 +86,9 @@ def char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     for ch in dict.fromkeys(alphabet):
         vocab.setdefault(ch, len(vocab))
+    languages = [language_token(x) for x in LANGUAGES]
+    for token in languages:
+        vocab[token] = len(vocab)
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
@@ -67,6 +101,7 @@ def char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
         pad_token="<pad>",
         eos_token="</s>",
         unk_token="<unk>",
+        extra_special_tokens=languages,
     )
 
 

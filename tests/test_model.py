@@ -280,8 +280,10 @@ def test_the_language_told_reaches_the_decoder_and_is_saved(tmp_path: Path):
     assert read_batch(saved, processor, pixels, confidence=False)[0] == readings["fr"]
 
 
-def test_a_language_the_model_cannot_be_told_is_named():
+def test_a_language_the_model_cannot_be_told_is_named(trocr_miniature: Path):
     with pytest.raises(UserError, match=r"model.language=de: .* it knows en, fr"):
         TrOCRModule("tiny", language="de")
     with pytest.raises(UserError, match=r"model.language=en: .* no language tokens"):
         TrOCRModule("embedded", language="en")
+    with pytest.raises(UserError, match=r"model.language=en: .* no language tokens"):
+        TrOCRModule(str(trocr_miniature), language="en")  # TrOCR's tokenizer, as the README says

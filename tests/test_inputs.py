@@ -96,7 +96,8 @@ def test_text_the_model_cannot_write_is_named(lines_dir: Path, embedded_tokenize
     assert (
         "line 2:" in message and "the character(s) 😀 α β γ 漢 字 (not in its tokenizer)" in message
     )
-    assert "line 3:" in message and "2001 tokens, it writes at most 128" in message
+    # 2,000 letters, the language token before them and </s> after
+    assert "line 3:" in message and "2002 tokens, it writes at most 128" in message
     assert "data.allow_unwritable=true" in message
 
     with caplog.at_level(logging.WARNING):

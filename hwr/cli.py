@@ -2,7 +2,8 @@
 
 hwr import-xml PAGES_DIR --out OUT_DIR      ALTO / PAGE XML + page images -> line CSV
 hwr import-unipen UNIPEN_DIR --out OUT_DIR  UNIPEN pen trajectories -> line images + CSV
-hwr segment PAGE_IMAGE... --out OUT_DIR     pages -> line images + CSV to fill in
+hwr segment PAGE_IMAGE... --out OUT_DIR     pages -> line images + CSV to fill in (learned finder)
+hwr train-finder data.pages=[DIR,...]       train the learned line finder (Hydra overrides)
 hwr label LINES_CSV [--model M] [--port N]  a local page to type or correct lines
 hwr predict model=embedded inputs=P         read images (Hydra overrides, as predict.py)
 """
@@ -38,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("segment", help="page images -> line images + CSV with empty text")
     p.add_argument("images", type=Path, nargs="+", help="page images")
     p.add_argument("--out", type=Path, required=True, help="folder for lines.csv and images/")
+    p.add_argument(
+        "--finder", metavar="FOLDER", help="the learned line finder to cut with (default: shipped)"
+    )
+    p.add_argument(
+        "--classical",
+        action="store_true",
+        help="cut with the classical segmenter (projection profiles) instead",
+    )
 
     p = verbs.add_parser("label", help="serve a local page to type or correct the lines")
     p.add_argument("csv", type=Path, help="the line CSV; accepted lines are saved into it")
@@ -54,16 +63,25 @@ def _parser() -> argparse.ArgumentParser:
         help="read images with a model (Hydra overrides; see predict.py)",
         add_help=False,
     )
+    verbs.add_parser(
+        "train-finder",
+        help="train the learned line finder on pages with XML (Hydra overrides; conf/finder.yaml)",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["predict"]:
+    hydra_verbs = {
+        "predict": ("predict", "hwr.prediction:predict"),
+        "train-finder": ("finder", "hwr.pages.finder:train"),
+    }
+    if argv[:1] and argv[0] in hydra_verbs:
         from hwr.settings import hydra_entry
 
-        sys.argv = ["hwr predict", *argv[1:]]
-        hydra_entry("predict", "hwr.prediction:predict")()
+        sys.argv = [f"hwr {argv[0]}", *argv[1:]]
+        hydra_entry(*hydra_verbs[argv[0]])()
         return
     args = _parser().parse_args(argv)
     try:
@@ -89,7 +107,15 @@ def run(args: argparse.Namespace) -> None:
     elif args.verb == "segment":
         from hwr.pages.segment import segment_pages
 
-        segment_pages(args.images, args.out)
+        if args.classical:
+            from hwr.pages.segment import ProjectionSegmenter
+
+            segmenter = ProjectionSegmenter()
+        else:
+            from hwr.pages.finder import LearnedSegmenter
+
+            segmenter = LearnedSegmenter(args.finder)
+        segment_pages(args.images, args.out, segmenter)
     elif args.verb == "label":
         from hwr.machine import share_cores
 

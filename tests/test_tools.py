@@ -219,7 +219,7 @@ def test_cli_lists_its_verbs():
         [sys.executable, "-m", "hwr", "--help"], cwd=REPO, capture_output=True, text=True
     )
     assert proc.returncode == 0
-    for verb in ("import-xml", "import-unipen", "segment", "label", "predict"):
+    for verb in ("import-xml", "import-unipen", "segment", "train-finder", "label", "predict"):
         assert verb in proc.stdout
 
 

@@ -3,9 +3,9 @@
 A classical segmenter that needs no model: normalise the background, binarise, deskew,
 split columns at a wide vertical gap, then cut each column into lines with the
 horizontal projection profile. Any object with `segment(image) -> list[Box]` can take
-its place (e.g. a learned segmenter such as kraken's).
+its place, as the learned line finder does (hwr.pages.finder).
 
-    python -m hwr segment PAGE_IMAGE... --out OUT_DIR
+    python -m hwr segment PAGE_IMAGE... --out OUT_DIR --classical
 """
 
 from __future__ import annotations
@@ -265,9 +265,8 @@ def page_boxes(box: Box, size: tuple[int, int]) -> Box:
     return Box(round(min(xs)), round(min(ys)), round(max(xs)), round(max(ys)))
 
 
-def segment_pages(pages: Sequence[Path], out_dir: Path, segmenter: Segmenter | None = None) -> Path:
+def segment_pages(pages: Sequence[Path], out_dir: Path, segmenter: Segmenter) -> Path:
     """Write out_dir/images/<page>_<n>.png and out_dir/lines.csv with empty text to fill in."""
-    segmenter = segmenter or ProjectionSegmenter()
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()

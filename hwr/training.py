@@ -88,6 +88,16 @@ def find_checkpoint(ckpt_path: str | None, run_dir: Path, outputs: Path) -> str 
     return str(newest)
 
 
+def make_trainer(cfg: DictConfig) -> L.Trainer:
+    """The run's Trainer: cfg.trainer with cfg.callbacks and cfg.logger, its precision
+    resolved for this machine (hwr.machine)."""
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    logger = instantiate(cfg.logger) if cfg.logger else False
+    return instantiate(
+        cfg.trainer, precision=trainer_precision(cfg.trainer), callbacks=callbacks, logger=logger
+    )
+
+
 def train(cfg: DictConfig) -> float:
     """Run the whole job of train.py; returns the tuned validation CER (what sweeps minimise)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -103,11 +113,7 @@ def train(cfg: DictConfig) -> float:
     # model.language, or guessed from the lines' words (pre-training's lines carry their own)
     if (language := getattr(datamodule, "language", None)) is not None:
         set_language(module.plain_model, module.processor.tokenizer, language)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
-    logger = instantiate(cfg.logger) if cfg.logger else False
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, precision=trainer_precision(cfg.trainer), callbacks=callbacks, logger=logger
-    )
+    trainer = make_trainer(cfg)
     module.check_trainer(trainer)
 
     if ckpt is None:
@@ -177,8 +183,8 @@ def train(cfg: DictConfig) -> float:
     metrics = {name: r["metrics"] for name, r in results.items()}
     write_json(run_dir / "metrics.json", {**metrics, "settings": settings})
     table = write_report(run_dir, datamodule.eval_lines, results)
-    if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
-        logger.log_hyperparams(
+    if isinstance(trainer.logger, L.pytorch.loggers.TensorBoardLogger):
+        trainer.logger.log_hyperparams(
             {"model": settings["model"], "lr": cfg.optim.lr, "batch_size": cfg.data.batch_size},
             {f"hp/{name}_{k}": v for name, m in metrics.items() for k, v in m.items()},
         )

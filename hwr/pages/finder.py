@@ -40,10 +40,10 @@ from transformers import get_scheduler
 
 from hwr.errors import UserError
 from hwr.images import open_rgb
-from hwr.machine import trainer_precision
 from hwr.pages.segment import Box, count_matches
 from hwr.pages.xml_import import read_page
 from hwr.report import atomic_write, write_json
+from hwr.training import find_checkpoint, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -517,19 +517,13 @@ class FinderModule(L.LightningModule):
 def train(cfg: DictConfig) -> float:
     """Train a line finder (conf/finder.yaml); its best weights by validation F1 go to the
     run's `line_finder/`. Returns that F1 (what a sweep would maximise)."""
-    from hwr.training import find_checkpoint
-
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule: PageDataModule = instantiate(cfg.data)
     ckpt = find_checkpoint(cfg.ckpt_path, run_dir, Path(cfg.paths.outputs) / "finder")
     datamodule.setup()
     module: FinderModule = instantiate(cfg.model)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
-    logger = instantiate(cfg.logger) if cfg.logger else False
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, precision=trainer_precision(cfg.trainer), callbacks=callbacks, logger=logger
-    )
+    trainer = make_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     checkpoint = trainer.checkpoint_callback
     if checkpoint and checkpoint.best_model_path:

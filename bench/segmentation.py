@@ -4,12 +4,12 @@ the page's text as `predict.py` reads it.
     python bench/segmentation.py [PAGES_DIR] [--finder FOLDER] [--read MODEL]
 
 PAGES_DIR: ../shared/data/pages by default (pages no line finder was trained on). The
-classical segmenter is always measured, the learned one from --finder or the shipped
-weights. A found box matches a true line when their boxes overlap with IoU >= 0.5 (each
-used once). --read (a model, e.g. `embedded`) cuts each page into lines as predict.py does,
-reads them, joins them in the finder's reading order and scores that text against the
-XML's lines in theirs (page CER: a missed line, a line cut in two or read out of order all
-cost characters).
+classical segmenter and the learned one (--finder, else the shipped weights) are measured.
+A found box matches a true line when their boxes overlap with IoU >= 0.5 (each used once).
+--read (a model, e.g. `embedded`) cuts each page into lines as predict.py does, reads
+them, joins them in the finder's reading order and scores that text against the XML's
+lines in theirs (page CER: a missed line, a line cut in two or read out of order all cost
+characters).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torchmetrics.functional.text import char_error_rate
 from hwr.decoding import read_images
 from hwr.images import open_rgb
 from hwr.model import load_pretrained
-from hwr.pages.finder import SHIPPED, LearnedSegmenter
+from hwr.pages.finder import LearnedSegmenter
 from hwr.pages.segment import Box, ProjectionSegmenter, count_matches, crop_lines, page_boxes
 from hwr.pages.xml_import import read_page
 
@@ -35,9 +35,7 @@ def main() -> None:
     parser.add_argument("--read", metavar="MODEL", help="read each page's lines with MODEL")
     args = parser.parse_args()
 
-    segmenters = {"classical": ProjectionSegmenter()}
-    if args.finder or (SHIPPED / "config.json").is_file():
-        segmenters["learned"] = LearnedSegmenter(args.finder)
+    segmenters = {"classical": ProjectionSegmenter(), "learned": LearnedSegmenter(args.finder)}
     model = load_pretrained(args.read) if args.read else None
     if model:
         model[0].eval()

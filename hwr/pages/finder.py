@@ -68,10 +68,9 @@ def band_mask(polygons: Sequence[Polygon], shape: tuple[int, int], scale: float)
         if len(polygon) < 3:
             continue
         points = [(x * scale, y * scale) for x, y in polygon]
-        x0 = max(0, int(min(p[0] for p in points)))
-        y0 = max(0, int(min(p[1] for p in points)))
-        x1 = min(shape[1], int(max(p[0] for p in points)) + 1)
-        y1 = min(shape[0], int(max(p[1] for p in points)) + 1)
+        box = Box.around(points)
+        x0, y0 = max(0, box.left), max(0, box.top)
+        x1, y1 = min(shape[1], box.right + 1), min(shape[0], box.bottom + 1)
         if x1 <= x0 or y1 <= y0:
             continue
         canvas = Image.new("L", (x1 - x0, y1 - y0), 0)

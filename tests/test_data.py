@@ -194,6 +194,17 @@ def test_recipe_augmentations_from_config(compose_cfg):
     assert "blur" not in compose_cfg("train", ["~data.augment.blur"]).data.augment
 
 
+@pytest.mark.parametrize("augment", ["recipe", "pretrain"])
+def test_augmentations_name_interpolation_as_torchvision_enum(compose_cfg, augment):
+    """torchvision 0.26 (a GPU machine's) refuses 'bilinear' as a string, in the worker."""
+    cfg = compose_cfg("train", [f"data/augment={augment}"])
+    given = [n for n, node in cfg.data.augment.items() if node and "interpolation" in node]
+    assert given, f"{augment}: no transform names an interpolation"
+    built = instantiate(cfg.data.augment)
+    for name in given:
+        assert isinstance(built[name].interpolation, v2.InterpolationMode), f"{augment}.{name}"
+
+
 def test_augmentation_touches_training_images_only(compose_cfg, trocr_miniature: Path):
     cfg = compose_cfg("train", [f"data.csv={SAMPLE_CSV}", "data.augment.blur.p=1.0"])
     processor = TrOCRProcessor.from_pretrained(trocr_miniature)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from hwr.embedded.tiny import known_languages, language_id
 from hwr.errors import UserError, require_count
-from hwr.images import line_problem, open_rgb, reading_order
+from hwr.images import batching_order, line_problem, open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def build_augment(augment: Mapping[str, Callable | None] | None) -> Callable | N
 class LineDataset(Dataset):
     """Line images as model inputs: (augmented) image -> processor pixels, text -> token ids.
 
-    `order` serves the lines in another order (e.g. `reading_order`); an item's "index" is
+    `order` serves the lines in another order (e.g. `batching_order`); an item's "index" is
     still its line's place in `lines`.
     """
 
@@ -380,7 +380,7 @@ def collate(batch: list[dict]) -> dict:
 def eval_dataset(lines: Sequence[Line], processor, max_target_length: int) -> LineDataset:
     """Lines to score, served in reading order (similar widths together) where sizes are
     known; an item's index is still its place in `lines`."""
-    order = reading_order([line.size for line in lines]) if all(x.size for x in lines) else None
+    order = batching_order([line.size for line in lines]) if all(x.size for x in lines) else None
     return LineDataset(lines, processor, None, max_target_length, order)
 
 

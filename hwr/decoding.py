@@ -35,7 +35,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from hwr.embedded.ctc import ctc_reader
 from hwr.embedded.tiny import known_languages, language_id
 from hwr.errors import UserError, require_count
-from hwr.images import reading_order
+from hwr.images import batching_order
 from hwr.lm import BOS, EOS, CharLM
 from hwr.machine import rebalance
 
@@ -350,14 +350,14 @@ def read_images(
     precision=bf16 casts the model: faster than autocast, which casts activations back and
     forth at every layer); texts and confidences in the images' order.
 
-    Lines are encoded in `reading_order`. A model with a CTC head encodes LOOKAHEAD
+    Lines are encoded in `batching_order`. A model with a CTC head encodes LOOKAHEAD
     batches at a time and decodes them in order of the length of the head's reading, so a
     batch's rows end together: a quarter fewer decoder steps on Copiste's test writers
     than by shape alone.
     """
     weights = next(model.parameters())
     head = ctc_reader(model)
-    order = reading_order([image.size for image in images])
+    order = batching_order([image.size for image in images])
     chunk = batch_size * (LOOKAHEAD if head is not None else 1)
     texts, confidences = [""] * len(images), [0.0] * len(images)
     bar = tqdm(total=len(images), desc="reading", unit="line")

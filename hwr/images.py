@@ -78,7 +78,7 @@ def is_page(image: Image.Image) -> bool:
     return image.height > 0.5 * image.width and image.height >= PAGE_MIN_HEIGHT
 
 
-def reading_order(sizes: Sequence[tuple[int, int]]) -> list[int]:
+def batching_order(sizes: Sequence[tuple[int, int]]) -> list[int]:
     """Line images' indices by width-to-height, the order every reader batches them in
     (validation, evaluate.py, predict): lines of a shape hold about as many characters, so
     a batch finishes decoding at about the same step instead of waiting for its longest."""

@@ -19,6 +19,7 @@ import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import lightning as L
@@ -85,7 +86,7 @@ def band_mask(polygons: Sequence[Polygon], shape: tuple[int, int], scale: float)
     return mask
 
 
-@dataclass
+@dataclass(frozen=True)
 class Band:
     """A marked band: its pixels' rows and columns at work size."""
 
@@ -104,12 +105,19 @@ class Band:
     def thickness(self) -> float:
         return len(self.rows) / len(np.unique(self.cols))
 
-    def centre(self, x: float) -> float:
-        """The band's centre line (a straight fit) at column x."""
+    @cached_property
+    def line(self) -> tuple[float, float]:
+        """The centre line's slope and intercept (a straight fit, made once: joining asks
+        each band for it against every other)."""
         if self.right - self.left < 2:
-            return float(self.rows.mean())
+            return 0.0, float(self.rows.mean())
         slope, intercept = np.polyfit(self.cols, self.rows, 1)
-        return float(slope * x + intercept)
+        return float(slope), float(intercept)
+
+    def centre(self, x: float) -> float:
+        """The band's centre line at column x."""
+        slope, intercept = self.line
+        return slope * x + intercept
 
 
 def join_bands(bands: list[Band], max_gap: float = 1.5) -> list[Band]:
@@ -132,8 +140,11 @@ def join_bands(bands: list[Band], max_gap: float = 1.5) -> list[Band]:
         if best is None:
             joined.append(band)
         else:
-            best.rows = np.concatenate([best.rows, band.rows])
-            best.cols = np.concatenate([best.cols, band.cols])
+            rows, cols = (
+                np.concatenate([best.rows, band.rows]),
+                np.concatenate([best.cols, band.cols]),
+            )
+            joined[next(i for i, b in enumerate(joined) if b is best)] = Band(rows, cols)
     return joined
 
 

@@ -129,22 +129,21 @@ def join_bands(bands: list[Band], max_gap: float = 1.5) -> list[Band]:
     for band in sorted(bands, key=lambda b: b.left):
         t = band.thickness
         best, best_offset = None, 0.5
-        for other in joined:
+        for i, other in enumerate(joined):
             gap = band.left - other.right
             reach = max_gap * height * max(t, other.thickness)
             if -t <= gap <= reach:
                 offset = abs(other.centre(other.right) - band.centre(band.left))
                 offset /= max(t, other.thickness)
                 if offset < best_offset:
-                    best, best_offset = other, offset
+                    best, best_offset = i, offset
         if best is None:
             joined.append(band)
         else:
-            rows, cols = (
-                np.concatenate([best.rows, band.rows]),
-                np.concatenate([best.cols, band.cols]),
+            kept = joined[best]
+            joined[best] = Band(
+                np.concatenate([kept.rows, band.rows]), np.concatenate([kept.cols, band.cols])
             )
-            joined[next(i for i, b in enumerate(joined) if b is best)] = Band(rows, cols)
     return joined
 
 
@@ -444,8 +443,9 @@ class PageDataModule(L.LightningDataModule):
             log.warning("%d XML file(s) skipped, e.g. %s", len(skipped), skipped[0])
         if not marked:
             raise UserError(f"data.pages: no page with lines in {', '.join(map(str, self.pages))}")
-        val = [p for p in marked if held_out(p.name, self.val_fraction, self.split_seed)]
-        train = [p for p in marked if not held_out(p.name, self.val_fraction, self.split_seed)]
+        train, val = [], []
+        for page in marked:
+            (val if held_out(page.name, self.val_fraction, self.split_seed) else train).append(page)
         self.splits = {"train": train, "val": val or train[:1]}
         log.info("%d pages to train on, %d to validate on", len(train), len(self.splits["val"]))
 

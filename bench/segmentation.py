@@ -1,7 +1,7 @@
 """Each line finder on real pages, against their XML: the lines it finds and, with --read,
 the page's text as `predict.py` reads it.
 
-    python bench/segmentation.py [PAGES_DIR] [--finder FOLDER] [--read MODEL]
+    python bench/segmentation.py [PAGES_DIR] [--finder FOLDER] [--read MODEL] [--kraken]
 
 PAGES_DIR: ../shared/data/pages by default (pages no line finder was trained on). The
 classical segmenter and the learned one (--finder, else the shipped weights) are measured.
@@ -10,6 +10,10 @@ A found box matches a true line when their boxes overlap with IoU >= 0.5 (each u
 them, joins them in the finder's reading order and scores that text against the XML's
 lines in theirs (page CER: a missed line, a line cut in two or read out of order all cost
 characters).
+--kraken adds kraken's learned line finder (`blla`, its shipped default model) beside
+them. kraken 7.1.1 pins torch <= 2.14.0, so install it apart: a venv that sees this one's
+packages (`python -m venv --system-site-packages kvenv`, `kvenv/bin/pip install --no-deps
+kraken==7.1.1` and its other requirements) and run this script with its python.
 """
 
 from __future__ import annotations
@@ -28,14 +32,35 @@ from hwr.pages.segment import Box, ProjectionSegmenter, count_matches, crop_line
 from hwr.pages.xml_import import read_page
 
 
+class KrakenSegmenter:
+    """kraken's blla behind hwr's `segment(image) -> boxes`: each line's box around its
+    boundary polygon, in kraken's reading order."""
+
+    def __init__(self) -> None:
+        from importlib import resources
+
+        from kraken import blla
+        from kraken.lib import vgsl
+
+        self.blla = blla
+        self.model = vgsl.TorchVGSLModel.load_model(resources.files("kraken") / "blla.mlmodel")
+
+    def segment(self, image) -> list[Box]:
+        lines = self.blla.segment(image, model=self.model).lines
+        return [Box.around(line.boundary) for line in lines if line.boundary]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pages", nargs="?", default="../shared/data/pages", type=Path)
     parser.add_argument("--finder", help="a learned line finder's folder (default: shipped)")
     parser.add_argument("--read", metavar="MODEL", help="read each page's lines with MODEL")
+    parser.add_argument("--kraken", action="store_true", help="kraken's blla beside them")
     args = parser.parse_args()
 
     segmenters = {"classical": ProjectionSegmenter(), "learned": LearnedSegmenter(args.finder)}
+    if args.kraken:
+        segmenters["kraken blla"] = KrakenSegmenter()
     model = load_pretrained(args.read) if args.read else None
     if model:
         model[0].eval()

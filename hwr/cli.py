@@ -105,17 +105,20 @@ def run(args: argparse.Namespace) -> None:
 
         import_unipen(args.root, args.out, seed=args.seed)
     elif args.verb == "segment":
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+
         from hwr.pages.segment import segment_pages
+        from hwr.settings import CONF
 
-        if args.classical:
-            from hwr.pages.segment import ProjectionSegmenter
-
-            segmenter = ProjectionSegmenter()
-        else:
-            from hwr.pages.finder import LearnedSegmenter
-
-            segmenter = LearnedSegmenter(args.finder)
-        segment_pages(args.images, args.out, segmenter)
+        if args.classical and args.finder:
+            raise UserError("--finder names a learned line finder: leave out --classical")
+        # the same segmenter configs as predict.py's segmenter=classical|learned
+        name = "classical" if args.classical else "learned"
+        cfg = OmegaConf.load(CONF / "segmenter" / f"{name}.yaml")
+        if args.finder:
+            cfg.path = args.finder
+        segment_pages(args.images, args.out, instantiate(cfg))
     elif args.verb == "label":
         from hwr.machine import share_cores
 

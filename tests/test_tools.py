@@ -165,6 +165,27 @@ def test_segmenter_finds_each_line_in_reading_order(tmp_path: Path, angle: float
         assert all(b.right < 1650 for b in found[:6]) and all(b.left > 1500 for b in found[6:])
 
 
+def test_cli_segment_cuts_a_page_with_the_configured_segmenter(tmp_path: Path):
+    image, _ = make_page(tmp_path, n=6)
+    hwr = [sys.executable, "-m", "hwr", "segment", str(image), "--classical"]
+    proc = subprocess.run(
+        [*hwr, "--out", str(tmp_path / "cut")], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "cut" / "lines.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and all(r["text"] == "" for r in rows)
+    proc = subprocess.run(
+        [*hwr, "--finder", "my_finder", "--out", str(tmp_path / "x")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "hwr segment: --finder names a learned line finder" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside the project")
 def test_segmenter_on_real_pages_matches_most_xml_lines():
     truth_n = found_n = matched = 0

@@ -511,7 +511,8 @@ def pretrain_config(model_dir: Path, corpus: Path, overrides: tuple = ()):
 def pretrain_steps(turns: Turns, model_dir: Path, corpus: Path, way: str) -> None:
     """Pre-training's step on batches of 16 processed lines (held in memory): "plain", a
     hand-written loop as hwr.embedded.pretrain stepped (CE + CTC, AdamW, clipping, plain
-    attention, float32 here), or "lightning", train.py experiment=pretrain's."""
+    attention; bf16 autocast where the CPU computes in it, as that loop always did, else
+    float32), or "lightning", train.py experiment=pretrain's."""
     import torch
     import torch.nn.functional as F
     from hydra.utils import instantiate
@@ -519,6 +520,7 @@ def pretrain_steps(turns: Turns, model_dir: Path, corpus: Path, way: str) -> Non
 
     from hwr.data import LineDataset, collate, read_lines
     from hwr.embedded.ctc import ctc_loss, ctc_reader
+    from hwr.machine import bf16_native
 
     cfg = pretrain_config(model_dir, corpus)
     module = instantiate(cfg.model, optimizer=cfg.optim)
@@ -533,13 +535,16 @@ def pretrain_steps(turns: Turns, model_dir: Path, corpus: Path, way: str) -> Non
     model.encoder.set_attn_implementation("eager")
     opt = instantiate(cfg.optim)(params=[p for p in model.parameters() if p.requires_grad])
     head = ctc_reader(model)
+    bf16 = bf16_native("cpu")[0]
     while True:
         for batch in batches:
-            out = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
-            ce = F.cross_entropy(
-                out.logits.flatten(0, 1), batch["labels"].flatten(), label_smoothing=0.1
-            )
-            loss = ce + 0.5 * ctc_loss(head, out.encoder_last_hidden_state, batch["labels"], tok)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+                ce = F.cross_entropy(
+                    out.logits.flatten(0, 1).float(), batch["labels"].flatten(), label_smoothing=0.1
+                )
+                enc = out.encoder_last_hidden_state
+                loss = ce + 0.5 * ctc_loss(head, enc, batch["labels"], tok)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -541,7 +541,7 @@ def pretrain_steps(turns: Turns, model_dir: Path, corpus: Path, way: str) -> Non
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
                 ce = F.cross_entropy(
-                    out.logits.flatten(0, 1).float(), batch["labels"].flatten(), label_smoothing=0.1
+                    out.logits.flatten(0, 1), batch["labels"].flatten(), label_smoothing=0.1
                 )
                 enc = out.encoder_last_hidden_state
                 loss = ce + 0.5 * ctc_loss(head, enc, batch["labels"], tok)

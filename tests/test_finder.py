@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from hwr.errors import UserError
 from hwr.images import open_rgb
 from hwr.pages.finder import (
+    FinderModule,
     LearnedSegmenter,
     PageDataModule,
     UNet,
@@ -26,7 +27,7 @@ from hwr.pages.finder import (
     save_finder,
     to_input,
 )
-from hwr.pages.segment import Box, count_matches
+from hwr.pages.segment import Box, count_matches, crop_lines
 from hwr.pages.xml_import import read_page
 
 from .conftest import REPO
@@ -157,6 +158,18 @@ def test_the_line_finder_learns_to_find_lines_and_resumes(tmp_path: Path, compos
     assert "Restored all states from the checkpoint" in out
     assert scalars(run_dir / "tensorboard", "val/f1")[-1][0] > f1[-1][0]
 
+    # model.init: a new run starts from the saved weights (at a learning rate that leaves
+    # them be, its first validation is the saved finder's best, not a fresh network's)
+    tuned = tmp_path / "tuned"
+    args = [a for a in args if not a.startswith(("model.lr", "hydra.run.dir"))]
+    args += ["model.lr=1e-9", f"hydra.run.dir={tuned}", f"model.init={finder}"]
+    run("-m", "hwr", "train-finder", *args, "trainer.max_epochs=1")
+    fresh = [loss for _, loss in scalars(run_dir / "tensorboard", "val/loss")]
+    first = scalars(tuned / "tensorboard", "val/loss")[0][1]
+    assert first < 1.2 * fresh[0] and first < 1.2  # an untrained network's: 1.4 and more
+    with pytest.raises(UserError, match=r"model.init=.*width 8 and depth 3; set model.width"):
+        FinderModule(width=16, depth=3, init=str(finder))
+
 
 def test_saved_weights_load_and_mark_the_same(tmp_path: Path):
     torch.manual_seed(0)
@@ -225,6 +238,30 @@ def test_a_line_marked_in_pieces_is_one_line_and_specks_are_none():
     boxes = bands_to_boxes(marked, scale=0.5)
     assert [(b.left, b.right) for b in boxes] == [(40, 760), (40, 760)]
     assert boxes[0].bottom <= boxes[1].top
+
+
+def test_a_found_line_is_cut_along_its_outline():
+    """A slanting line's box takes in the ink of the lines above and below at its ends;
+    the cut keeps what lies along the band and paints the rest paper."""
+    marked = np.zeros((200, 400), bool)
+    for x in range(20, 380):
+        y = 50 + x // 10  # 36 px lower at the right than at the left
+        marked[y : y + 8, x] = True
+    (box,) = bands_to_boxes(marked, scale=1.0)
+    assert len(box.polygon) >= 10
+    assert all(box.left <= x <= box.right and box.top <= y <= box.bottom for x, y in box.polygon)
+    page = Image.new("RGB", (400, 200), (250, 250, 250))
+    draw = ImageDraw.Draw(page)
+    draw.rectangle((365, box.top, 375, box.top + 6), fill=(0, 0, 0))  # a neighbour's ink
+    draw.rectangle((195, 72, 205, 76), fill=(0, 0, 0))  # this line's ink, on the band
+    (line,) = crop_lines(page, [box])
+    xs, ys = zip(*box.polygon, strict=True)
+    origin = (max(0, int(min(xs)) - 6), max(0, int(min(ys)) - 6))  # crop_line's margin
+    ink = np.asarray(line.convert("L")) < 100
+    assert ink[74 - origin[1], 200 - origin[0]]
+    assert not ink[box.top + 3 - origin[1], 370 - origin[0]]
+    (upright,) = crop_lines(page, [Box(box.left, box.top, box.right, box.bottom)])
+    assert np.asarray(upright.convert("L"))[3, 370 - box.left] < 100  # the box alone keeps it
 
 
 def test_the_shipped_finder_finds_the_lines_of_the_sample_pages():

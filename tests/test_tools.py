@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import subprocess
@@ -18,7 +19,13 @@ from PIL import Image
 
 from hwr.embedded.synth import SAMPLE_TEXT, render_line
 from hwr.pages.label import LabelStore, make_server
-from hwr.pages.segment import Box, ProjectionSegmenter, count_matches, page_boxes
+from hwr.pages.segment import (
+    Box,
+    ProjectionSegmenter,
+    count_matches,
+    page_boxes,
+    segment_pages,
+)
 from hwr.pages.xml_import import import_pages, read_page
 
 from .conftest import REPO, SHARED_DATA
@@ -278,24 +285,30 @@ def test_label_api_orders_by_confidence_and_serves_only_the_data_folder(label_se
         assert err.value.code == 404
 
 
+def launch_chromium(playwright):
+    return playwright.chromium.launch(
+        executable_path=str(CHROMIUM),
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ],
+    )
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")
 def test_label_page_in_a_real_browser(label_server):
     sync_api = pytest.importorskip("playwright.sync_api")
     url, csv_path = label_server
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = launch_chromium(p)
         page = browser.new_page()
         page.goto(url)
+        page.wait_for_function("document.getElementById('progress').textContent.includes('of')")
+        assert page.is_hidden("#pages")  # a CSV of lines alone: no page to draw on
         page.wait_for_function("document.getElementById('progress').textContent.includes('of')")
         assert page.text_content("#progress") == "1 of 4 labelled"
         assert page.input_value("#text") == "The tran"  # least confident first, pre-filled
@@ -313,3 +326,93 @@ def test_label_page_in_a_real_browser(label_server):
         rows = list(csv.DictReader(f))
     assert rows[2]["text"] == "The train leaves at 7:45 from platform 3."
     assert rows[1]["text"] == "Buy milk" and rows[0]["text"] == ""
+
+
+@pytest.fixture
+def page_label_server(tmp_path: Path):
+    """A labelling server over `hwr segment`'s cut of a 4-line page, its third line missed
+    (its row and image taken out, as a segmenter that did not find it leaves the CSV)."""
+    image, truth = make_page(tmp_path, n=4)
+    csv_path = segment_pages([image], tmp_path / "cut", ProjectionSegmenter())
+    with csv_path.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and rows[0]["page_image"] == "../page.png"
+    boxes = [Box(*map(int, r["box"].split())) for r in rows]
+    assert count_matches(boxes, [Box(*t[:4]) for t in truth]) == 4  # boxes on the page
+    missed = rows.pop(2)
+    (csv_path.parent / missed["file_name"]).unlink()
+    with csv_path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    server = make_server(LabelStore(csv_path), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", csv_path, truth[2]
+    server.shutdown()
+    server.server_close()
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), method="POST")
+    return json.load(urllib.request.urlopen(request))
+
+
+def test_a_missed_line_is_added_by_drawing_its_box_on_the_page(page_label_server):
+    url, csv_path, (left, top, right, bottom, _) = page_label_server
+    (page,) = json.load(urllib.request.urlopen(f"{url}/api/pages"))
+    assert (page["width"], page["height"]) == (1600, 640) and len(page["boxes"]) == 3
+    shown = Image.open(io.BytesIO(urllib.request.urlopen(f"{url}/page/0").read()))
+    assert shown.format == "JPEG" and shown.size == (1600, 640)
+    for bad, says in [
+        ({"box": [10, 10, 10, 300]}, "the box 10 10 10 300 holds no line on a 1600x640 page"),
+        ({"box": "x"}, "bad request"),
+        ({}, "bad request: 'box'"),
+    ]:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post(f"{url}/api/pages/0/lines", bad)
+        assert err.value.code == 400 and says in json.load(err.value)["error"]
+
+    reply = post(f"{url}/api/pages/0/lines", {"box": [left, top, right, bottom]})
+    assert reply == {"id": 3, "labelled": 0, "total": 4}
+    with csv_path.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    added = rows[3]
+    assert added["page"] == "page" and added["page_image"] == "../page.png"
+    assert added["box"] == f"{left} {top} {right} {bottom}" and added["text"] == ""
+    line = Image.open(csv_path.parent / added["file_name"])
+    assert line.size == (right - left, bottom - top)
+    assert min(line.convert("L").getdata()) < 120  # the line's ink, cut from the page
+    lines = json.load(urllib.request.urlopen(f"{url}/api/lines"))["lines"]
+    assert 3 in [ln["id"] for ln in lines]  # to be labelled like the others
+    assert len(json.load(urllib.request.urlopen(f"{url}/api/pages"))[0]["boxes"]) == 4
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")
+def test_a_missed_line_drawn_in_a_real_browser(page_label_server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, csv_path, (left, top, right, bottom, text) = page_label_server
+    with sync_api.sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(url)
+        page.wait_for_function("document.getElementById('pageimg').naturalWidth > 0")
+        assert page.locator("#pageview div.found").count() == 3
+        shown = page.locator("#pageimg").bounding_box()
+        scale = shown["width"] / 1600
+        page.mouse.move(shown["x"] + left * scale, shown["y"] + top * scale)
+        page.mouse.down()
+        page.mouse.move(shown["x"] + right * scale, shown["y"] + bottom * scale, steps=5)
+        page.mouse.up()
+        page.click("#addline")
+        page.wait_for_function("document.getElementById('status').textContent.includes('added')")
+        assert page.get_attribute("#image", "src") == "/image/3"  # the new line, to label
+        assert page.locator("#pageview div.found").count() == 4
+        page.fill("#text", text)
+        page.press("#text", "Enter")
+        page.wait_for_function("document.getElementById('status').textContent.includes('saved')")
+        browser.close()
+    with csv_path.open(encoding="utf-8") as f:
+        added = list(csv.DictReader(f))[3]
+    assert added["text"] == text
+    drawn = Box(*map(int, added["box"].split()))
+    assert drawn.iou(Box(left, top, right, bottom)) > 0.9  # where the mouse drew it

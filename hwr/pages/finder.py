@@ -49,6 +49,9 @@ from hwr.training import find_checkpoint, make_trainer
 log = logging.getLogger(__name__)
 
 BAND = (0.3, 0.7)  # the band marked: from 30% to 70% of a line's height, column by column
+# A line is cut along the band grown by this much of what it leaves out (crop_line adds
+# its margin): chosen by page CER on the training corpora's validation pages (0.6-1.0).
+OUTLINE = 0.8
 SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "line_finder"
 Polygon = Sequence[tuple[float, float]]
 
@@ -114,6 +117,20 @@ class Band:
         slope, intercept = np.polyfit(self.cols, self.rows, 1)
         return float(slope), float(intercept)
 
+    def outline(self, up: float, down: float, points: int = 40) -> list[tuple[float, float]]:
+        """The line around the band, column by column: its top edge grown `up`, its bottom
+        grown `down` (work pixels), at most `points` columns a side, left to right and back."""
+        order = np.argsort(self.cols, kind="stable")
+        cols, rows = self.cols[order], self.rows[order]
+        xs, starts = np.unique(cols, return_index=True)
+        tops, bottoms = np.minimum.reduceat(rows, starts), np.maximum.reduceat(rows, starts)
+        keep = np.unique(np.linspace(0, len(xs) - 1, min(points, len(xs))).round().astype(int))
+        xs, tops, bottoms = xs[keep].astype(float), tops[keep] - up, bottoms[keep] + 1 + down
+        xs[-1] += 1  # the right edge of the last column
+        top = list(zip(xs, tops, strict=True))
+        bottom = list(zip(xs[::-1], bottoms[::-1], strict=True))
+        return [(float(x), float(y)) for x, y in top + bottom]
+
     def centre(self, x: float) -> float:
         """The band's centre line at column x."""
         slope, intercept = self.line
@@ -152,7 +169,8 @@ def bands_to_boxes(
 ) -> list[Box]:
     """The marked bands (joined where they continue one another, and at least `min_length`
     times the page's median line height long) as their lines' boxes in page pixels, in
-    reading order: each band grown above and below by what the band leaves out of a line."""
+    reading order: each band grown above and below by what the band leaves out of a line,
+    with the outline a line is cut along."""
     labels, n = ndimage.label(marked, structure=np.ones((3, 3)))
     pixels = np.nonzero(labels)
     order = np.argsort(labels[pixels], kind="stable")
@@ -169,12 +187,14 @@ def bands_to_boxes(
         t = band.thickness
         if band.right - band.left < min_length * line_height:
             continue
+        outline = band.outline(OUTLINE * grow_up * t, OUTLINE * grow_down * t)
         boxes.append(
             Box(
                 round(band.left / scale),
                 max(0, round((band.rows.min() - grow_up * t) / scale)),
                 round(band.right / scale),
                 round((band.rows.max() + 1 + grow_down * t) / scale),
+                polygon=tuple((x / scale, max(0.0, y / scale)) for x, y in outline),
             )
         )
     return reading_order(boxes)
@@ -469,14 +489,29 @@ class PageDataModule(L.LightningDataModule):
 
 class FinderModule(L.LightningModule):
     """The UNet trained to mark line bands (binary cross-entropy + Dice); validation finds
-    the lines of whole pages and counts those matching the XML's (IoU >= 0.5)."""
+    the lines of whole pages and counts those matching the XML's (IoU >= 0.5). `init`, a
+    folder `save_finder` wrote (the shipped one: "shipped"), starts from its weights: a
+    finder fine-tuned on a user's own pages learns their layout in minutes."""
 
     def __init__(
-        self, width: int = 8, depth: int = 5, lr: float = 2e-3, weight_decay: float = 1e-4
+        self,
+        width: int = 8,
+        depth: int = 5,
+        lr: float = 2e-3,
+        weight_decay: float = 1e-4,
+        init: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = UNet(width, depth)
+        if init:
+            start, _ = load_finder(SHIPPED if init == "shipped" else Path(init))
+            if (len(start.up), start.head.in_channels) != (depth, width):
+                raise UserError(
+                    f"model.init={init}: a finder of width {start.head.in_channels} and depth "
+                    f"{len(start.up)}; set model.width and model.depth to those to start from it."
+                )
+            self.net.load_state_dict(start.state_dict())
         self.counts = np.zeros(3)  # true lines, found, matched
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -537,7 +572,9 @@ def train(cfg: DictConfig) -> float:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     checkpoint = trainer.checkpoint_callback
     if checkpoint and checkpoint.best_model_path:
-        module = FinderModule.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu")
+        module = FinderModule.load_from_checkpoint(
+            checkpoint.best_model_path, map_location="cpu", init=None
+        )
     folder = save_finder(module.net.cpu(), datamodule.size, run_dir / "line_finder")
     best = checkpoint.best_model_score if checkpoint else None
     score = float(best) if best is not None else 0.0

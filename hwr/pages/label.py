@@ -3,14 +3,18 @@ correct it, press Enter, and it is saved into the CSV at once.
 
     python -m hwr label line_data/lines.csv [--model outputs/train/<run>/model] [--port N]
 
-Lines the model is least sure of come first: they teach it most. The server listens on
-127.0.0.1 only and serves only the images the CSV names inside its folder.
+Lines the model is least sure of come first: they teach it most. Where the CSV came from
+`hwr segment` (its `page_image` and `box` columns), the page is shown with the lines found
+on it, and a line the segmenter missed is added by drawing a box around it. The server
+listens on 127.0.0.1 only and serves only the images the CSV names: lines inside its
+folder, and the pages they were cut from.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import threading
 import webbrowser
@@ -18,11 +22,15 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from PIL import Image
+
 from hwr.errors import UserError
 from hwr.images import open_rgb
-from hwr.report import write_text
+from hwr.pages.segment import Box, box_text
+from hwr.report import atomic_write, write_text
 
 PAGE = Path(__file__).with_name("label.html")
+PAGE_VIEW = 2000  # pages are sent with their longer side at most this many pixels
 
 
 class LabelStore:
@@ -42,7 +50,9 @@ class LabelStore:
             self.columns.append(text_column)
         self.done = {i for i, r in enumerate(self.rows) if (r.get(text_column) or "").strip()}
         self.predictions: dict[int, tuple[str, float]] = {}
+        self.read = None  # the model's reader, once pre-filled: a drawn line is read too
         self.lock = threading.Lock()
+        self.pages = list(dict.fromkeys(r["page_image"] for r in self.rows if r.get("page_image")))
 
     def image_path(self, i: int) -> Path | None:
         """The row's image, if it lies inside the data folder; None otherwise."""
@@ -67,8 +77,13 @@ class LabelStore:
         todo = [i for i in range(len(self.rows)) if i not in self.done and self.image_path(i)]
         images = [open_rgb(self.image_path(i)) for i in todo]
         lm = load_lm(model_name)
-        texts, confidences = read_images(model, processor, images, batch_size, lm=lm)
-        self.predictions = dict(zip(todo, zip(texts, confidences, strict=True), strict=True))
+
+        def read(images: list[Image.Image]) -> list[tuple[str, float]]:
+            texts, confidences = read_images(model, processor, images, batch_size, lm=lm)
+            return list(zip(texts, confidences, strict=True))
+
+        self.read = read
+        self.predictions = dict(zip(todo, read(images), strict=True))
 
     def order(self) -> list[int]:
         """Unlabelled lines first, least confident first; then the labelled ones."""
@@ -107,11 +122,72 @@ class LabelStore:
                 self.done.add(i)
             else:
                 self.done.discard(i)
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, self.columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.rows)
-            write_text(self.path, buf.getvalue())
+            self._write()
+
+    def _write(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, self.columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text(self.path, buf.getvalue())
+
+    def page_path(self, n: int) -> Path | None:
+        """The n-th page image the CSV names (relative to its folder), if it is a file."""
+        if not 0 <= n < len(self.pages):
+            return None
+        path = (self.root / self.pages[n]).resolve()
+        return path if path.is_file() else None
+
+    def page_state(self) -> list[dict]:
+        """Each page with its size and the boxes of its lines, for drawing a missed one."""
+        pages = []
+        for n, page in enumerate(self.pages):
+            path = self.page_path(n)
+            if path is None:
+                continue
+            with Image.open(path) as image:
+                width, height = image.size
+            boxes = [
+                [int(v) for v in r["box"].split()]
+                for r in self.rows
+                if r.get("page_image") == page and len((r.get("box") or "").split()) == 4
+            ]
+            pages.append(
+                {"id": n, "name": Path(page).name, "width": width, "height": height, "boxes": boxes}
+            )
+        return pages
+
+    def add_line(self, n: int, box: Box) -> int:
+        """Cut `box` (page pixels) from the n-th page as a new line image beside the others,
+        add its row to the CSV (read by the model, if there is one) and return its id."""
+        path = self.page_path(n)
+        if path is None:
+            raise KeyError(n)
+        page = open_rgb(path)
+        box = Box(
+            max(0, box.left),
+            max(0, box.top),
+            min(page.width, box.right),
+            min(page.height, box.bottom),
+        )
+        if box.right - box.left < 2 or box.bottom - box.top < 2:
+            raise ValueError(
+                f"the box {box_text(box)} holds no line on a {page.width}x{page.height} page"
+            )
+        line = page.crop((box.left, box.top, box.right, box.bottom))
+        with self.lock:
+            first = next(r for r in self.rows if r.get("page_image") == self.pages[n])
+            stem, taken = Path(self.pages[n]).stem, {r[self.image_column] for r in self.rows}
+            names = (f"images/{stem}_added_{k:03d}.png" for k in itertools.count())
+            name = next(x for x in names if x not in taken and not (self.root / x).exists())
+            atomic_write(self.root / name, lambda tmp: line.save(tmp, "PNG"))
+            row = first | {self.image_column: name, self.text_column: "", "box": box_text(box)}
+            self.rows.append(row)
+            self._write()
+            i = len(self.rows) - 1
+        if self.read:
+            self.predictions[i] = self.read([line])[0]
+        return i
 
 
 def make_handler(store: LabelStore) -> type[BaseHTTPRequestHandler]:
@@ -135,6 +211,18 @@ def make_handler(store: LabelStore) -> type[BaseHTTPRequestHandler]:
                 self._send(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
             elif self.path == "/api/lines":
                 self._json(store.state())
+            elif self.path == "/api/pages":
+                self._json(store.page_state())
+            elif self.path.startswith("/page/") and self.path[6:].isdigit():
+                path = store.page_path(int(self.path[6:]))
+                if path is None:
+                    self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
+                else:  # small enough to draw on at once; boxes come back in page pixels
+                    page = open_rgb(path)
+                    page.thumbnail((PAGE_VIEW, PAGE_VIEW))
+                    jpeg = io.BytesIO()
+                    page.save(jpeg, "JPEG", quality=85)
+                    self._send(HTTPStatus.OK, jpeg.getvalue(), "image/jpeg")
             elif self.path.startswith("/image/") and self.path[7:].isdigit():
                 path = store.image_path(int(self.path[7:]))
                 if path is None:
@@ -147,18 +235,21 @@ def make_handler(store: LabelStore) -> type[BaseHTTPRequestHandler]:
                 self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
 
         def do_POST(self) -> None:
-            prefix = "/api/lines/"
-            if not (self.path.startswith(prefix) and self.path[len(prefix) :].isdigit()):
-                self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
-                return
+            parts = self.path.strip("/").split("/")
             try:
                 length = int(self.headers.get("Content-Length", 0))
-                text = str(json.loads(self.rfile.read(length))["text"])
-                store.accept(int(self.path[len(prefix) :]), text)
-            except (KeyError, ValueError, json.JSONDecodeError) as e:
+                body = json.loads(self.rfile.read(length))
+                if len(parts) == 3 and parts[:2] == ["api", "lines"] and parts[2].isdigit():
+                    store.accept(int(parts[2]), str(body["text"]))
+                    self._json({"labelled": len(store.done), "total": len(store.rows)})
+                elif len(parts) == 4 and parts[:2] == ["api", "pages"] and parts[3] == "lines":
+                    left, top, right, bottom = (round(float(v)) for v in body["box"])
+                    i = store.add_line(int(parts[2]), Box(left, top, right, bottom))
+                    self._json({"id": i, "labelled": len(store.done), "total": len(store.rows)})
+                else:
+                    self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
+            except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
                 self._json({"error": f"bad request: {e}"}, HTTPStatus.BAD_REQUEST)
-                return
-            self._json({"labelled": len(store.done), "total": len(store.rows)})
 
     return Handler
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +29,15 @@ from hwr.report import write_text
 
 @dataclass(frozen=True)
 class Box:
-    """A line's box in page pixels, and the skew it was found at (degrees)."""
+    """A line's box in page pixels, the skew it was found at (degrees), and the line's
+    outline inside the box where the segmenter traced one (page pixels; cut along it)."""
 
     left: int
     top: int
     right: int
     bottom: int
     angle: float = 0.0
+    polygon: tuple[tuple[float, float], ...] = ()
 
     @classmethod
     def around(cls, polygon: Sequence[tuple[float, float]]) -> Box:
@@ -234,15 +237,25 @@ class ProjectionSegmenter:
 
 
 def crop_lines(image: Image.Image, boxes: Sequence[Box]) -> list[Image.Image]:
-    """The lines, cut from the page turned by their skew (about the page centre).
+    """The lines, cut from the page turned by their skew (about the page centre); a line
+    with an outline is cut along it, the rest of its box (its neighbours' ascenders and
+    descenders) painted paper, as `import-xml` cuts lines from their XML.
 
     A segmenter finds one skew per page, so the page is turned once for all its lines.
     """
+    from hwr.pages.xml_import import crop_line, paper_colour
+
     turned: dict[float, Image.Image] = {0.0: image}
     fill = (255,) * len(image.getbands())
     for angle in {b.angle for b in boxes} - {0.0}:
         turned[angle] = image.rotate(angle, Image.BICUBIC, fillcolor=fill)
-    return [turned[b.angle].crop((b.left, b.top, b.right, b.bottom)) for b in boxes]
+    paper = paper_colour(image) if any(b.polygon for b in boxes) else fill
+    return [
+        crop_line(turned[b.angle], b.polygon, paper)
+        if b.polygon
+        else turned[b.angle].crop((b.left, b.top, b.right, b.bottom))
+        for b in boxes
+    ]
 
 
 def page_boxes(box: Box, size: tuple[int, int]) -> Box:
@@ -265,20 +278,30 @@ def page_boxes(box: Box, size: tuple[int, int]) -> Box:
     return Box(round(min(xs)), round(min(ys)), round(max(xs)), round(max(ys)))
 
 
+def box_text(box: Box) -> str:
+    """A box as the CSV's `box` column holds it: "left top right bottom" in page pixels."""
+    return f"{box.left} {box.top} {box.right} {box.bottom}"
+
+
 def segment_pages(pages: Sequence[Path], out_dir: Path, segmenter: Segmenter) -> Path:
-    """Write out_dir/images/<page>_<n>.png and out_dir/lines.csv with empty text to fill in."""
+    """Write out_dir/images/<page>_<n>.png and out_dir/lines.csv with empty text to fill in;
+    each row names its page image and its box there, so that the labelling page can show
+    the page and cut a line the segmenter missed."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["file_name", "text", "page"])
+    writer.writerow(["file_name", "text", "page", "page_image", "box"])
     total = 0
     for page in tqdm(pages, desc="segmenting", unit="page"):
         image = open_rgb(page)
-        for i, line in enumerate(crop_lines(image, segmenter.segment(image))):
+        where = os.path.relpath(Path(page).resolve(), out_dir.resolve())
+        boxes = segmenter.segment(image)
+        for i, (box, line) in enumerate(zip(boxes, crop_lines(image, boxes), strict=True)):
             name = f"images/{Path(page).stem}_{i:03d}.png"
             line.save(out_dir / name)
-            writer.writerow([name, "", Path(page).stem])
+            upright = box_text(page_boxes(box, image.size))
+            writer.writerow([name, "", Path(page).stem, where, upright])
             total += 1
     csv_path = write_text(out_dir / "lines.csv", buf.getvalue())
     print(f"{total} lines from {len(pages)} pages -> {csv_path}")

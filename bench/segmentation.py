@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from torchmetrics.functional.text import char_error_rate
@@ -34,7 +35,7 @@ from hwr.pages.xml_import import read_page
 
 class KrakenSegmenter:
     """kraken's blla behind hwr's `segment(image) -> boxes`: each line's box around its
-    boundary polygon, in kraken's reading order."""
+    boundary polygon, cut along that polygon as ours are, in kraken's reading order."""
 
     def __init__(self) -> None:
         from importlib import resources
@@ -47,7 +48,11 @@ class KrakenSegmenter:
 
     def segment(self, image) -> list[Box]:
         lines = self.blla.segment(image, model=self.model).lines
-        return [Box.around(line.boundary) for line in lines if line.boundary]
+        return [
+            replace(Box.around(line.boundary), polygon=tuple(map(tuple, line.boundary)))
+            for line in lines
+            if line.boundary
+        ]
 
 
 def main() -> None:

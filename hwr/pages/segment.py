@@ -24,6 +24,7 @@ from PIL import Image, ImageFilter, ImageOps
 from tqdm.auto import tqdm
 
 from hwr.images import open_rgb
+from hwr.pages.xml_import import crop_line, paper_colour
 from hwr.report import write_text
 
 
@@ -243,8 +244,6 @@ def crop_lines(image: Image.Image, boxes: Sequence[Box]) -> list[Image.Image]:
 
     A segmenter finds one skew per page, so the page is turned once for all its lines.
     """
-    from hwr.pages.xml_import import crop_line, paper_colour
-
     turned: dict[float, Image.Image] = {0.0: image}
     fill = (255,) * len(image.getbands())
     for angle in {b.angle for b in boxes} - {0.0}:

@@ -490,8 +490,8 @@ class PageDataModule(L.LightningDataModule):
 class FinderModule(L.LightningModule):
     """The UNet trained to mark line bands (binary cross-entropy + Dice); validation finds
     the lines of whole pages and counts those matching the XML's (IoU >= 0.5). `init`, a
-    folder `save_finder` wrote (the shipped one: "shipped"), starts from its weights: a
-    finder fine-tuned on a user's own pages learns their layout in minutes."""
+    folder `save_finder` wrote (the shipped one: "shipped"), starts from its weights, so
+    that a finder tuned on a user's own pages begins from what it already finds."""
 
     def __init__(
         self,

@@ -371,6 +371,9 @@ def test_a_missed_line_is_added_by_drawing_its_box_on_the_page(page_label_server
         with pytest.raises(urllib.error.HTTPError) as err:
             post(f"{url}/api/pages/0/lines", bad)
         assert err.value.code == 400 and says in json.load(err.value)["error"]
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post(f"{url}/api/pages/1/lines", {"box": [left, top, right, bottom]})
+    assert "no page 1: " in json.load(err.value)["error"]  # the CSV names one page
 
     reply = post(f"{url}/api/pages/0/lines", {"box": [left, top, right, bottom]})
     assert reply == {"id": 3, "labelled": 0, "total": 4}

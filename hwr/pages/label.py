@@ -162,7 +162,7 @@ class LabelStore:
         add its row to the CSV (read by the model, if there is one) and return its id."""
         path = self.page_path(n)
         if path is None:
-            raise KeyError(n)
+            raise ValueError(f"no page {n}: {self.path} names {len(self.pages)} page image(s)")
         page = open_rgb(path)
         box = Box(
             max(0, box.left),
@@ -214,42 +214,45 @@ def make_handler(store: LabelStore) -> type[BaseHTTPRequestHandler]:
             elif self.path == "/api/pages":
                 self._json(store.page_state())
             elif self.path.startswith("/page/") and self.path[6:].isdigit():
-                path = store.page_path(int(self.path[6:]))
-                if path is None:
-                    self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
-                else:  # small enough to draw on at once; boxes come back in page pixels
-                    page = open_rgb(path)
-                    page.thumbnail((PAGE_VIEW, PAGE_VIEW))
-                    jpeg = io.BytesIO()
-                    page.save(jpeg, "JPEG", quality=85)
-                    self._send(HTTPStatus.OK, jpeg.getvalue(), "image/jpeg")
+                # small enough to draw on at once; boxes come back in page pixels
+                self._image(store.page_path(int(self.path[6:])), "JPEG", PAGE_VIEW)
             elif self.path.startswith("/image/") and self.path[7:].isdigit():
-                path = store.image_path(int(self.path[7:]))
-                if path is None:
-                    self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
-                else:  # as the model sees it, in a format every browser shows (TIFF too)
-                    png = io.BytesIO()
-                    open_rgb(path).save(png, "PNG")
-                    self._send(HTTPStatus.OK, png.getvalue(), "image/png")
+                # as the model sees it, in a format every browser shows (TIFF too)
+                self._image(store.image_path(int(self.path[7:])), "PNG")
             else:
                 self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
 
+        def _image(self, path: Path | None, format: str, size: int | None = None) -> None:
+            if path is None:
+                self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
+                return
+            image = open_rgb(path)
+            if size:
+                image.thumbnail((size, size))
+            encoded = io.BytesIO()
+            image.save(encoded, format)
+            self._send(HTTPStatus.OK, encoded.getvalue(), f"image/{format.lower()}")
+
         def do_POST(self) -> None:
             parts = self.path.strip("/").split("/")
+            line = len(parts) == 3 and parts[:2] == ["api", "lines"]
+            page = len(parts) == 4 and parts[:2] == ["api", "pages"] and parts[3] == "lines"
+            if not ((line or page) and parts[2].isdigit()):
+                self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
+                return
             try:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length))
-                if len(parts) == 3 and parts[:2] == ["api", "lines"] and parts[2].isdigit():
+                if line:
                     store.accept(int(parts[2]), str(body["text"]))
-                    self._json({"labelled": len(store.done), "total": len(store.rows)})
-                elif len(parts) == 4 and parts[:2] == ["api", "pages"] and parts[3] == "lines":
-                    left, top, right, bottom = (round(float(v)) for v in body["box"])
-                    i = store.add_line(int(parts[2]), Box(left, top, right, bottom))
-                    self._json({"id": i, "labelled": len(store.done), "total": len(store.rows)})
+                    reply = {}
                 else:
-                    self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
+                    left, top, right, bottom = (round(float(v)) for v in body["box"])
+                    reply = {"id": store.add_line(int(parts[2]), Box(left, top, right, bottom))}
             except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
                 self._json({"error": f"bad request: {e}"}, HTTPStatus.BAD_REQUEST)
+                return
+            self._json(reply | {"labelled": len(store.done), "total": len(store.rows)})
 
     return Handler
 
